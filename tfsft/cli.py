@@ -1,0 +1,143 @@
+"""The ``tfsft`` command. Each command parses its options and calls one library function.
+
+TensorFlow is imported only inside the commands that need it, so ``tfsft --help`` and config
+errors answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tfsft import __version__
+from tfsft.errors import TfsftError
+
+USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Turns a user error anywhere below into its one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TfsftError as error:
+            for line in str(error).splitlines():
+                click.echo(f"tfsft: {line}" if not line.startswith("config error") else line, err=True)
+            ctx.exit(USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("tfsft: interrupted", err=True)
+            ctx.exit(130)
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set data.batch_size=16 or --set stages.1.epochs=3. Repeatable.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="tfsft")
+def main() -> None:
+    """Fine-tune pretrained image classifiers with TensorFlow and Keras 3."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML recipe (see configs/).")
+@_set_option
+@click.option("--run-dir", help="Where to write the run (overrides run.dir).")
+@click.option("--restart", is_flag=True, help="Start over in a run directory that already holds a run.")
+def fit(config_path: str, overrides: tuple[str, ...], run_dir: str | None, restart: bool) -> None:
+    """Train in stages, evaluate, and write a run directory."""
+    from tfsft import config as config_module
+
+    if run_dir:
+        overrides = overrides + (f"run.dir={run_dir}",)
+    config = config_module.load(config_path, overrides)
+    from tfsft.training import fit as run_fit
+
+    result = run_fit(config, restart=restart, log=lambda line: click.echo(line))
+    metrics = result.metrics
+    top5 = f", top-5 {metrics['val_top5_accuracy']:.3f}" if "val_top5_accuracy" in metrics else ""
+    click.echo(f"\nvalidation accuracy {metrics['val_accuracy']:.3f}{top5} on "
+               f"{metrics['val_num_images']} images")
+    click.echo(f"run directory: {result.run_dir}")
+    click.echo("next:")
+    click.echo(f"  tfsft evaluate --run-dir {result.run_dir} --data path/to/other/folder")
+    click.echo(f"  tfsft config show {result.run_dir}/config.yaml")
+    click.echo(f"  look at {result.run_dir}/confusion_matrix.png and training_curves.png")
+
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="A run written by tfsft fit.")
+@click.option("--data", help="Folder, CSV or tfds:NAME[:SPLIT] to evaluate on (default: the run's validation split).")
+def evaluate(run_dir: str, data: str | None) -> None:
+    """Recompute metrics for a run's model."""
+    from tfsft.evaluate import evaluate_run, summary
+
+    metrics, output = evaluate_run(run_dir, data)
+    click.echo(summary(metrics))
+    click.echo(f"written to {output}")
+
+
+@main.group()
+def config() -> None:
+    """Inspect and validate recipes."""
+
+
+@config.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_set_option
+def config_show(path: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config (defaults, file and overrides)."""
+    from tfsft import config as config_module
+
+    click.echo(config_module.dump(config_module.load(path, overrides)), nl=False)
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_set_option
+def config_check(path: str, overrides: tuple[str, ...]) -> None:
+    """Validate a recipe without training."""
+    from tfsft import config as config_module
+
+    loaded = config_module.load(path, overrides)
+    stages = ", ".join(f"{stage.name} ({stage.epochs} epochs, {stage.trainable})" for stage in loaded.stages)
+    click.echo(f"{path}: valid. backbone {loaded.model.backbone} at {loaded.image_size[0]}x"
+               f"{loaded.image_size[1]}; stages: {stages}")
+
+
+@main.command()
+def backbones() -> None:
+    """List the supported backbones."""
+    from tfsft.backbones import BACKBONES
+
+    click.echo(f"{'name':<20}{'default size':>13}  {'preprocessing':<14}{'blocks':>6}")
+    for spec in BACKBONES.values():
+        click.echo(f"{spec.name:<20}{spec.default_size:>13}  {spec.preprocessing:<14}{spec.num_blocks:>6}")
+
+
+@main.command("sample-data")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--images-per-class", default=70, show_default=True, type=click.IntRange(2, 100000))
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(16, 4096))
+@click.option("--classes", "num_classes", default=3, show_default=True, type=click.IntRange(2, 6))
+@click.option("--seed", default=0, show_default=True, type=int)
+def sample_data(folder: str, images_per_class: int, image_size: int, num_classes: int, seed: int) -> None:
+    """Write a small labelled image folder (shapes) to try tfsft on."""
+    import os
+
+    from tfsft.sample_data import make_shapes
+
+    if os.path.isdir(folder) and os.listdir(folder):
+        click.echo(f"{folder} already exists; using it as it is")
+        return
+    names = make_shapes(folder, images_per_class=images_per_class, image_size=image_size,
+                        num_classes=num_classes, seed=seed)
+    click.echo(f"wrote {images_per_class * len(names)} images of {', '.join(names)} to {folder}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Errors that describe a user's mistake: the CLI prints them as one line each and exits 2.
+
+Anything else that escapes is a bug in tfsft and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TfsftError(Exception):
+    """A problem with the user's input (config, data, paths), explained in one line."""
+
+
+class ConfigError(TfsftError):
+    """One or more invalid config values; each entry of ``lines`` is a complete message."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+class DataError(TfsftError):
+    """The images or labels cannot be used as given."""
+
+
+class ModelError(TfsftError):
+    """The backbone, its weights or a saved model cannot be used as given."""
+
+
+class RunDirError(TfsftError):
+    """The run directory cannot be used as given."""
