@@ -200,3 +200,24 @@ def test_cli_config_show_prints_the_resolved_config(tmp_path, data_dir):
 
     checked = CliRunner().invoke(main, ["config", "check", str(recipe)])
     assert checked.exit_code == 0 and "valid" in checked.output
+
+
+def _all_keys(cls, prefix=""):
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        section = config._model_in(field.annotation)
+        if section is None or cls is not config.Config or name == "stages":
+            yield key  # top-level sections are headings, not keys
+        if section is not None:
+            yield from _all_keys(section, f"{key}[]." if name == "stages" else f"{key}.")
+
+
+def test_readme_config_reference_documents_every_key():
+    import os
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    reference = readme.split("## Config reference", 1)[1]
+    keys = list(_all_keys(config.Config))
+    assert "stages[].early_stopping.patience" in keys
+    missing = [key for key in keys if f"| `{key}` |" not in reference]
+    assert not missing, f"README's config reference lacks {missing}"
