@@ -137,7 +137,7 @@ def test_shipped_quickstart_recipe_runs(tmp_path):
     checked = run_cli("config", "check", "configs/quickstart.yaml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     result = run_cli("fit", "--config", "configs/quickstart.yaml", "--set", "stages.0.epochs=1",
-                     "--set", "stages.1.epochs=1", cwd=tmp_path)
+                     "--set", "stages.1.epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation accuracy" in result.stdout
     assert (tmp_path / "runs" / "quickstart" / "model.keras").exists()

@@ -64,9 +64,11 @@ def fit(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resta
                f"{metrics['val_num_images']} images")
     click.echo(f"run directory: {result.run_dir}")
     click.echo("next:")
-    click.echo(f"  tfsft evaluate --run-dir {result.run_dir} --data path/to/other/folder")
-    click.echo(f"  tfsft config show {result.run_dir}/config.yaml")
     click.echo(f"  look at {result.run_dir}/confusion_matrix.png and training_curves.png")
+    click.echo(f"  tfsft evaluate --run-dir {result.run_dir} --data path/to/other/folder")
+    click.echo(f"  tfsft export --run-dir {result.run_dir}          # SavedModel for TF Serving")
+    click.echo(f"  tfsft convert --run-dir {result.run_dir} --quantize float16 --quantize int8   # TFLite")
+    click.echo(f"  tfsft predict --model {result.run_dir} path/to/photo.jpg")
 
 
 @main.command()
@@ -79,6 +81,85 @@ def evaluate(run_dir: str, data: str | None) -> None:
     metrics, output = evaluate_run(run_dir, data)
     click.echo(summary(metrics))
     click.echo(f"written to {output}")
+
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="A run written by tfsft fit.")
+@click.option("--name", help="Served model name (default: the run directory's name).")
+@click.option("--version", "version", type=int, help="Integer version (default: the next one).")
+@click.option("--base", default="saved_models", show_default=True, help="Folder TF Serving serves.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing version.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="Labels and scores returned per image.")
+def export(run_dir: str, name: str | None, version: int | None, base: str, overwrite: bool, top_k: int) -> None:
+    """Export a run as a SavedModel for TF Serving (bytes in, labels out), verified."""
+    import os
+
+    from tfsft.export import export_run
+
+    result = export_run(run_dir, name=name, version=version, base=base, overwrite=overwrite,
+                        top_k=top_k, log=lambda line: click.echo(line))
+    click.echo(f"exported {result.path} (model '{result.name}', version {result.version}); "
+               f"verified on {result.verified_images} images, max probability difference "
+               f"{result.max_difference:.1e}")
+    click.echo("serve it:")
+    click.echo(f'  docker run -p 8501:8501 -v "{os.path.abspath(base)}:/models" tensorflow/serving '
+               f"--model_config_file=/models/models.config")
+    click.echo(f"  curl -d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 photo.jpg)'\"}}]}}' "
+               f"localhost:8501/v1/models/{result.name}:predict")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="Run directory, SavedModel folder (saved_models/NAME/VERSION) or .tflite file.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 1000))
+def predict(inputs: tuple[str, ...], model_path: str, top_k: int) -> None:
+    """Print one JSON line per image: path, top-k labels and scores."""
+    from tfsft.predict import format_line, load_predictor, predict_files
+
+    predictor = load_predictor(model_path)
+    count = 0
+    for result in predict_files(predictor, list(inputs), top_k, note=lambda line: click.echo(line, err=True)):
+        click.echo(format_line(result))
+        count += 1
+    if count == 0:
+        click.echo("tfsft: no images to predict", err=True)
+
+
+@main.command()
+@click.option("--run-dir", type=click.Path(file_okay=False), help="A run written by tfsft fit.")
+@click.option("--saved-model", type=click.Path(file_okay=False), help="A version written by tfsft export.")
+@click.option("--quantize", "modes", multiple=True, default=("none",), show_default=True,
+              type=click.Choice(["none", "dynamic", "float16", "int8"]),
+              help="Quantization mode; repeat to compare several.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Output .tflite (one mode only).")
+@click.option("--calibration-images", default=200, show_default=True, type=click.IntRange(1, 100000),
+              help="Training images used to calibrate int8.")
+@click.option("--min-agreement", default=0.98, show_default=True, type=click.FloatRange(0, 1),
+              help="int8 top-1 agreement with the Keras model below which tfsft warns.")
+@click.option("--int8-input", default="uint8", show_default=True, type=click.Choice(["uint8", "float32"]),
+              help="Input type of the int8 file.")
+@click.option("--int8-output", default="float32", show_default=True, type=click.Choice(["float32", "uint8"]),
+              help="Output type of the int8 file.")
+@click.option("--strict", is_flag=True, help="Exit 1 when int8 agreement is below --min-agreement.")
+def convert(run_dir, saved_model, modes, output, calibration_images, min_agreement, int8_input, int8_output,
+            strict) -> None:
+    """Convert to TFLite and check each file against the Keras model with LiteRT."""
+    from tfsft.tflite import convert_run, table
+
+    if output and len(modes) > 1:
+        raise click.UsageError("--output names one file; give one --quantize mode with it")
+    reports, report_path, warning = convert_run(
+        run_dir, saved_model=saved_model, modes=list(modes), output=output,
+        calibration_images=calibration_images, min_agreement=min_agreement, int8_input=int8_input,
+        int8_output=int8_output, log=lambda line: click.echo(line))
+    click.echo(table(reports))
+    click.echo(f"report: {report_path}")
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+        if strict:
+            sys.exit(1)
 
 
 @main.group()
@@ -121,7 +202,7 @@ def backbones() -> None:
 
 @main.command("sample-data")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--images-per-class", default=70, show_default=True, type=click.IntRange(2, 100000))
+@click.option("--images-per-class", default=100, show_default=True, type=click.IntRange(2, 100000))
 @click.option("--image-size", default=64, show_default=True, type=click.IntRange(16, 4096))
 @click.option("--classes", "num_classes", default=3, show_default=True, type=click.IntRange(2, 6))
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -151,6 +151,36 @@ class RunConfig(_Section):
         examples=[0])
 
 
+class ExportConfig(_Section):
+    """What fit exports when training ends (nothing unless asked)."""
+
+    name: Optional[str] = Field(
+        None, description="when set, fit exports a SavedModel for TF Serving under this model name",
+        examples=["flowers"])
+    base: str = Field("saved_models", description="folder TF Serving serves", examples=["saved_models"])
+    top_k: StrictInt = Field(5, ge=1, description="labels and scores the SavedModel returns per image",
+                             examples=[5])
+    tflite: list[Literal["none", "dynamic", "float16", "int8"]] = Field(
+        default_factory=list, description="TFLite files fit converts and checks at the end",
+        examples=["[float16, int8]"])
+
+
+class TfliteConfig(_Section):
+    """How TFLite files are calibrated and judged."""
+
+    calibration_images: StrictInt = Field(
+        200, ge=1, description="training images that calibrate int8", examples=[200])
+    min_agreement: float = Field(
+        0.98, ge=0, le=1, description="int8 top-1 agreement with the Keras model below which "
+        "tfsft warns", examples=[0.98])
+    int8_input: Literal["uint8", "float32"] = Field(
+        "uint8", description="input type of int8 files: raw uint8 pixels, or float32",
+        examples=["uint8"])
+    int8_output: Literal["float32", "uint8"] = Field(
+        "float32", description="output type of int8 files: float32 probabilities, or quantized uint8",
+        examples=["float32"])
+
+
 class Config(_Section):
     """The whole recipe."""
 
@@ -160,6 +190,8 @@ class Config(_Section):
         min_length=1, description="training stages, run in order",
         examples=["[{name: head, epochs: 5, learning_rate: 0.001}]"])
     run: RunConfig = Field(default_factory=RunConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tflite: TfliteConfig = Field(default_factory=TfliteConfig)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -392,6 +424,10 @@ def _check(config: Config, check_paths: bool) -> list[tuple[str, str]]:
             elif os.path.isfile(value) and not value.lower().endswith(".csv"):
                 problems.append((key, f"expected a folder, a .csv file or tfds:NAME, got the file "
                                  f"{value}. Fix: point it at the folder that holds the class folders"))
+
+    if config.export.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", config.export.name):
+        problems.append(("export.name", f"expected letters, digits, '_', '.' or '-' (it is a URL path "
+                         f"in TF Serving), got {config.export.name!r}. Fix: e.g. export.name: flowers"))
 
     names = set()
     for index, stage in enumerate(config.stages):

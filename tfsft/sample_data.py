@@ -15,7 +15,7 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 
-def make_shapes(root: str, *, images_per_class: int = 70, image_size: int = 64,
+def make_shapes(root: str, *, images_per_class: int = 100, image_size: int = 64,
                 num_classes: int = 3, seed: int = 0) -> list[str]:
     """Writes ``root/<shape>/...`` and returns the class names.
 

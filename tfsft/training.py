@@ -43,6 +43,10 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     """
     started = time.time()
     run = runs.RunDir.prepare(config.run.dir, restart)
+    if config.export.name:
+        from tfsft.export import check_writable
+
+        check_writable(os.path.join(config.export.base, config.export.name))
     run.write_text(runs.CONFIG, config_module.dump(config))
 
     data = data_module.build(config.data, config.run.seed)
@@ -133,7 +137,30 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
                     evaluate.confusion_matrix_png(metrics["confusion_matrix"], class_names))
     if history:
         run.write_bytes(runs.TRAINING_CURVES, evaluate.training_curves_png(history))
+    export_after_fit(config, run.root, log)
     return RunResult(run.root, metrics)
+
+
+def export_after_fit(config: Config, run_dir: str, log: Log) -> None:
+    """The exports the config asks for (``export.name``, ``export.tflite``), once training is done."""
+    if config.export.name:
+        from tfsft.export import export_run
+
+        result = export_run(run_dir, name=config.export.name, base=config.export.base,
+                            top_k=config.export.top_k, log=log)
+        log(f"exported {result.path} for TF Serving (max difference from the trained model "
+            f"{result.max_difference:.1e})")
+    if config.export.tflite:
+        from tfsft.tflite import convert_run, table
+
+        reports, report_path, warning = convert_run(
+            run_dir, modes=list(config.export.tflite), min_agreement=config.tflite.min_agreement,
+            calibration_images=config.tflite.calibration_images, int8_input=config.tflite.int8_input,
+            int8_output=config.tflite.int8_output, log=log)
+        log(table(reports))
+        log(f"TFLite report: {report_path}")
+        if warning:
+            log(f"warning: {warning}")
 
 
 def make_optimizer(stage: StageConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
