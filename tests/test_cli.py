@@ -49,14 +49,19 @@ def test_missing_data_folder_is_one_line_and_exit_2(tmp_path):
 
 
 def test_run_directory_is_never_overwritten_without_restart(tmp_path):
-    run = runs.RunDir.prepare(str(tmp_path / "run"), restart=False)
+    root = str(tmp_path / "run")
+    run = runs.RunDir.prepare(root, restart=False)
     run.write_text(runs.CONFIG, "old")
     (tmp_path / "run" / "my_notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="already holds a run.*--restart"):
-        runs.RunDir.prepare(str(tmp_path / "run"), restart=False)
+    run.write_json(runs.STATE, {"finished": False, "checkpoints": []})
+    runs.RunDir.prepare(root, restart=False)
+    assert (tmp_path / "run" / runs.CONFIG).read_text() == "old", "an unfinished run is kept for resuming"
+    run.mark_finished()
+    with pytest.raises(RunDirError, match="already holds a finished run.*--restart"):
+        runs.RunDir.prepare(root, restart=False)
     assert (tmp_path / "run" / runs.CONFIG).read_text() == "old"
-    runs.RunDir.prepare(str(tmp_path / "run"), restart=True)
-    assert not (tmp_path / "run" / runs.CONFIG).exists()
+    runs.RunDir.prepare(root, restart=True)
+    assert not (tmp_path / "run" / runs.CONFIG).exists() and not (tmp_path / "run" / runs.STATE).exists()
     assert (tmp_path / "run" / "my_notes.txt").read_text() == "mine", "restart removes only tfsft's files"
 
 
@@ -123,7 +128,7 @@ def test_fit_then_evaluate_end_to_end(tmp_path):
 
     model_time = os.path.getmtime(run / "model.keras")
     repeat = run_cli("fit", "--config", "recipe.yaml", "--run-dir", "runs/try2", cwd=tmp_path)
-    assert repeat.returncode == 2 and "already holds a run" in repeat.stderr
+    assert repeat.returncode == 2 and "already holds a finished run" in repeat.stderr
     assert repeat.stderr.strip().count("\n") == 0
     assert os.path.getmtime(run / "model.keras") == model_time
 

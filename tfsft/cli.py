@@ -25,7 +25,7 @@ class _Group(click.Group):
         except TfsftError as error:
             for line in str(error).splitlines():
                 click.echo(f"tfsft: {line}" if not line.startswith("config error") else line, err=True)
-            ctx.exit(USER_ERROR)
+            ctx.exit(getattr(error, "exit_code", USER_ERROR))
         except KeyboardInterrupt:
             click.echo("tfsft: interrupted", err=True)
             ctx.exit(130)
@@ -47,7 +47,8 @@ def main() -> None:
               help="YAML recipe (see configs/).")
 @_set_option
 @click.option("--run-dir", help="Where to write the run (overrides run.dir).")
-@click.option("--restart", is_flag=True, help="Start over in a run directory that already holds a run.")
+@click.option("--restart", is_flag=True,
+              help="Start over in a run directory that already holds a run (default: resume an unfinished one).")
 def fit(config_path: str, overrides: tuple[str, ...], run_dir: str | None, restart: bool) -> None:
     """Train in stages, evaluate, and write a run directory."""
     from tfsft import config as config_module

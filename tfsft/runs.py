@@ -9,6 +9,8 @@
     skipped.jsonl          files left out, one JSON object per line with its reason
     model.keras            the final model
     logs/                  TensorBoard logs
+    state.json             where the run stands: its checkpoints, newest last, and whether it finished
+    checkpoints/           the last two epochs' weights and optimizer state, for resuming
 
 Every file is written to a temporary name in the same folder and renamed, so no final path ever
 holds a half-written file.
@@ -21,8 +23,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
 
 from tfsft.errors import RunDirError
 
@@ -35,7 +39,37 @@ TRAINING_CURVES = "training_curves.png"
 SKIPPED = "skipped.jsonl"
 MODEL = "model.keras"
 LOGS = "logs"
-ARTIFACTS = (CONFIG, CLASS_NAMES, HISTORY, METRICS, CONFUSION_MATRIX, TRAINING_CURVES, SKIPPED, MODEL, LOGS)
+STATE = "state.json"
+CHECKPOINTS = "checkpoints"
+EVALUATION = "evaluation"
+ARTIFACTS = (CONFIG, CLASS_NAMES, HISTORY, METRICS, CONFUSION_MATRIX, TRAINING_CURVES, SKIPPED, MODEL, LOGS,
+             STATE, CHECKPOINTS, EVALUATION, "tflite_report.json", "labels.txt", "model_float32.tflite",
+             "model_dynamic.tflite", "model_float16.tflite", "model_int8.tflite")
+KEEP_CHECKPOINTS = 2
+WEIGHTS_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+@dataclass
+class Checkpoint:
+    """A point a run can resume from.
+
+    Attributes:
+        name: its folder under checkpoints/.
+        stage_index: the stage to run (or continue) from here.
+        stage_start_epoch: the global epoch at which that stage began.
+        epoch: global epochs completed.
+        history: the history.csv rows up to here.
+        has_optimizer: whether the optimizer state of ``stage_index`` is saved (mid-stage), or
+            the stage starts afresh (a stage boundary).
+    """
+
+    name: str
+    stage_index: int
+    stage_start_epoch: int
+    epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    has_optimizer: bool = True
 
 
 class RunDir:
@@ -49,29 +83,36 @@ class RunDir:
 
     @classmethod
     def prepare(cls, root: str, restart: bool) -> "RunDir":
-        """Creates ``root`` for a new run, checking it is writable before any work starts.
+        """Opens ``root`` for fit, checking it is writable before any work starts.
 
-        A folder that already holds a run is never overwritten silently: ``restart`` removes the
-        files tfsft wrote there (and nothing else).
+        A finished run is never overwritten silently; an unfinished one (``state.json`` without
+        ``finished``) is left as it is for fit to resume. ``restart`` removes the files tfsft
+        wrote there (and nothing else). Files of an attempt that ended before its first
+        checkpoint hold no work and are replaced.
         """
         run = cls(root)
-        existing = [name for name in ARTIFACTS if os.path.exists(run.path(name))]
-        if existing and not restart:
-            raise RunDirError(f"run directory {root} already holds a run ({', '.join(existing[:3])}); "
-                              f"nothing was changed. Fix: pass --restart to start over, or "
-                              f"--run-dir to write a new one")
         try:
             os.makedirs(root, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=root, prefix=".tfsft-write-check-", delete=True)
-            probe.close()
+            tempfile.TemporaryFile(dir=root, prefix=".tfsft-write-check-").close()
         except OSError as error:
             raise RunDirError(f"cannot write to run directory {root} ({error.strerror or error}). "
                               f"Fix: choose another --run-dir or fix its permissions") from None
-        for name in existing:
+        state = None if restart else run.read_state()
+        if state is not None:
+            if state.get("finished"):
+                raise RunDirError(f"run directory {root} already holds a finished run; nothing was "
+                                  f"changed. Fix: pass --restart to start over, or --run-dir to write "
+                                  f"a new one")
+            return run
+        if os.path.exists(run.path(MODEL)) and not restart:
+            raise RunDirError(f"run directory {root} already holds a model.keras that tfsft cannot "
+                              f"resume from; nothing was changed. Fix: pass --restart to start over, "
+                              f"or --run-dir to write a new one")
+        for name in ARTIFACTS:
             target = run.path(name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
-            else:
+            elif os.path.exists(target):
                 os.remove(target)
         return run
 
@@ -103,11 +144,98 @@ class RunDir:
         with open(path, encoding="utf-8") as handle:
             return [line.rstrip("\n") for line in handle if line.strip()]
 
+    def read_state(self) -> Optional[dict[str, Any]]:
+        path = self.path(STATE)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError) as error:
+            raise RunDirError(f"{path} is unreadable ({error}); cannot resume. Fix: pass --restart "
+                              f"to start over") from None
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The saved checkpoints, newest last."""
+        state = self.read_state() or {}
+        return [Checkpoint(**entry) for entry in state.get("checkpoints", [])]
+
+    def save_checkpoint(self, model, optimizer_variables: Optional[list], point: Checkpoint) -> None:
+        """Writes weights (and optimizer state) under a temporary name, renames it into place,
+        then records it in state.json and drops the oldest beyond ``KEEP_CHECKPOINTS``."""
+        import numpy as np
+
+        folder = self.path(CHECKPOINTS)
+        os.makedirs(folder, exist_ok=True)
+        for leftover in os.listdir(folder):  # a save that a crash interrupted
+            if leftover.startswith(".saving-"):
+                shutil.rmtree(os.path.join(folder, leftover), ignore_errors=True)
+        staging = tempfile.mkdtemp(dir=folder, prefix=".saving-")
+        try:
+            model.save_weights(os.path.join(staging, WEIGHTS_FILE))
+            if optimizer_variables is not None:
+                arrays = {f"{index}:{variable.path}": np.asarray(variable.numpy())
+                          for index, variable in enumerate(optimizer_variables)}
+                with open(os.path.join(staging, OPTIMIZER_FILE), "wb") as handle:
+                    np.savez(handle, **arrays)
+            fault_point("checkpoint")
+            target = os.path.join(folder, point.name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        kept = [c for c in self.checkpoints() if c.name != point.name] + [point]
+        self.write_json(STATE, {"finished": False, "checkpoints": [asdict(c) for c in kept[-KEEP_CHECKPOINTS:]]})
+        for old in kept[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(os.path.join(folder, old.name), ignore_errors=True)
+
+    def load_checkpoint(self, point: Checkpoint, model, optimizer) -> None:
+        """Loads a checkpoint's weights, and its optimizer state except the learning rate (the
+        config's wins, so a run can resume with a lower one). Raises on any mismatch."""
+        import numpy as np
+
+        folder = os.path.join(self.path(CHECKPOINTS), point.name)
+        model.load_weights(os.path.join(folder, WEIGHTS_FILE))
+        if not point.has_optimizer:
+            return
+        with np.load(os.path.join(folder, OPTIMIZER_FILE)) as saved:
+            keys = sorted(saved.files, key=lambda key: int(key.split(":", 1)[0]))
+            if len(keys) != len(optimizer.variables):
+                raise ValueError(f"optimizer state holds {len(keys)} variables, expected {len(optimizer.variables)}")
+            for key, variable in zip(keys, optimizer.variables):
+                value = saved[key]
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ValueError(f"optimizer variable {variable.path}: shape {value.shape} != {variable.shape}")
+                if not variable.path.endswith("/learning_rate"):
+                    variable.assign(value)
+
+    def mark_finished(self) -> None:
+        state = self.read_state() or {"checkpoints": []}
+        state["finished"] = True
+        self.write_json(STATE, state)
+
     def temporary_path(self, name: str) -> str:
         """A fresh path beside ``name`` for writers that need a file name (model.save)."""
         handle, path = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
         os.close(handle)
         return path
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test hook: kills the process the Nth time it passes here when TFSFT_FAULT=<name>:<N>, to
+    test recovery from a crash at that exact point (in the middle of writing a checkpoint).
+    Inert otherwise."""
+    wanted, _, count = os.environ.get("TFSFT_FAULT", "").partition(":")
+    if wanted != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str, data: bytes) -> None:

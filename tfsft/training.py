@@ -7,11 +7,15 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from tfsft.tfimport import tf  # noqa: F401  (imports TensorFlow quietly, before Keras)
 import keras
@@ -20,6 +24,7 @@ from tfsft import config as config_module
 from tfsft import data as data_module
 from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
+from tfsft.errors import RunDirError, TfsftError
 from tfsft.model import BACKBONE_LAYER, build_classifier, set_trainable
 
 Log = Callable[[str], None]
@@ -36,6 +41,10 @@ class RunResult:
 def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult:
     """Trains, evaluates and saves one run as ``config`` describes.
 
+    A run directory holding an unfinished run (killed, preempted, stopped by a NaN loss) is
+    resumed from its newest readable checkpoint: same stage, epoch, weights, optimizer state
+    and learning-rate schedule position; only the epoch in progress is lost.
+
     Args:
         config: a validated config (``tfsft.config.load``).
         restart: start over in a run directory that already holds a run.
@@ -43,6 +52,9 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     """
     started = time.time()
     run = runs.RunDir.prepare(config.run.dir, restart)
+    checkpoints = run.checkpoints()
+    if checkpoints:
+        check_resumable(config, run)
     if config.export.name:
         from tfsft.export import check_writable
 
@@ -73,41 +85,52 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     val_data = data_module.pipeline(data.val, len(class_names), image_size, batch_size, training=False)
     steps = data_module.steps_per_epoch(data.train, batch_size)
 
-    history: list[dict[str, Any]] = []
+    resumed = resume(run, checkpoints, model, config, steps, len(class_names), log) if checkpoints else None
+    point = resumed or runs.Checkpoint("start", 0, 0, 0, [], has_optimizer=False)
+    history = list(point.history)
+    run.write_csv(runs.HISTORY, history)
+    epoch = point.epoch
     stage_seconds: dict[str, float] = {}
-    epoch = 0
-    for stage in config.stages:
-        if stage.epochs == 0:
-            continue
-        stage_started = time.time()
-        set_trainable(model, config.model.backbone, stage.trainable, stage.batchnorm)
-        model.compile(
-            optimizer=make_optimizer(stage, steps),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
-            metrics=make_metrics(len(class_names)),
-        )
-        trainable_count = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
-        log(f"stage {stage.name}: {stage.epochs} epochs, trainable {stage.trainable} "
-            f"({trainable_count:,} parameters), {stage.optimizer} lr {stage.learning_rate:g} "
-            f"{stage.schedule}")
-        interactive = sys.stdout.isatty()
-        callbacks: list[keras.callbacks.Callback] = [
-            HistoryRecorder(stage.name, history, run),
-            keras.callbacks.TensorBoard(run.path(runs.LOGS)),
-        ]
-        if stage.early_stopping is not None:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
-                min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
-        if not interactive:
-            callbacks.append(EpochLine(stage.name, epoch + stage.epochs, log))
-        class_weight = (data_module.class_weights(data.train.labels, len(class_names))
-                        if stage.class_weight == "balanced" else None)
-        result = model.fit(train_data, validation_data=val_data, initial_epoch=epoch,
-                           epochs=epoch + stage.epochs, class_weight=class_weight,
-                           callbacks=callbacks, verbose=1 if interactive else 0)
-        epoch += len(result.epoch)
-        stage_seconds[stage.name] = round(time.time() - stage_started, 2)
+    with TerminationSignal() as termination:
+        for index, stage in enumerate(config.stages):
+            if index < point.stage_index or stage.epochs == 0:
+                continue
+            stage_started = time.time()
+            continuing = resumed is not None and resumed.has_optimizer and index == resumed.stage_index
+            stage_start = point.stage_start_epoch if continuing else epoch
+            if not continuing:
+                compile_stage(model, stage, config.model.backbone, steps, len(class_names))
+            trainable_count = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+            log(f"stage {stage.name}: {stage.epochs} epochs, trainable {stage.trainable} "
+                f"({trainable_count:,} parameters), {stage.optimizer} lr {stage.learning_rate:g} "
+                f"{stage.schedule}" + (f", resuming after epoch {epoch}" if continuing else ""))
+            guard = Guard(termination)
+            interactive = sys.stdout.isatty()
+            callbacks: list[keras.callbacks.Callback] = [
+                guard,
+                HistoryRecorder(stage.name, history, run, guard),
+                Checkpointer(run, index, stage_start, history, guard),
+                keras.callbacks.TensorBoard(run.path(runs.LOGS)),
+            ]
+            if stage.early_stopping is not None:
+                callbacks.append(keras.callbacks.EarlyStopping(
+                    monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
+                    min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
+            if not interactive:
+                callbacks.append(EpochLine(stage.name, stage_start + stage.epochs, log, guard))
+            class_weight = (data_module.class_weights(data.train.labels, len(class_names))
+                            if stage.class_weight == "balanced" else None)
+            if epoch < stage_start + stage.epochs:
+                model.fit(train_data, validation_data=val_data, initial_epoch=epoch,
+                          epochs=stage_start + stage.epochs, class_weight=class_weight,
+                          callbacks=callbacks, verbose=1 if interactive else 0)
+            guard.raise_if_stopped(stage, index, history)
+            epoch = history[-1]["epoch"] if history else epoch
+            # A stage boundary: the weights as the stage left them (best weights, after early
+            # stopping), from which the next stage starts with a new optimizer.
+            run.save_checkpoint(model, None, runs.Checkpoint(
+                f"stage-{index + 1:02d}-done", index + 1, epoch, epoch, list(history), has_optimizer=False))
+            stage_seconds[stage.name] = round(time.time() - stage_started, 2)
 
     model_path = run.temporary_path(runs.MODEL)
     model.save(model_path)
@@ -125,6 +148,7 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         "num_train_images": len(data.train),
         "num_skipped_files": len(data.skipped),
         "epochs": epoch,
+        "resumed_from_epoch": resumed.epoch if resumed else None,
         "timings": {
             "stage_seconds": stage_seconds,
             "evaluation_seconds": round(time.time() - evaluation_started, 2),
@@ -137,8 +161,67 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
                     evaluate.confusion_matrix_png(metrics["confusion_matrix"], class_names))
     if history:
         run.write_bytes(runs.TRAINING_CURVES, evaluate.training_curves_png(history))
+    run.mark_finished()
     export_after_fit(config, run.root, log)
     return RunResult(run.root, metrics)
+
+
+def compile_stage(model: keras.Model, stage: StageConfig, backbone: str, steps_per_epoch: int,
+                  num_classes: int) -> None:
+    """Sets what the stage trains and compiles with a fresh optimizer (built, so its state exists)."""
+    set_trainable(model, backbone, stage.trainable, stage.batchnorm)
+    model.compile(
+        optimizer=make_optimizer(stage, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
+        metrics=make_metrics(num_classes),
+    )
+    model.optimizer.build(model.trainable_variables)
+
+
+def resume(run: runs.RunDir, checkpoints: list[runs.Checkpoint], model: keras.Model, config: Config,
+           steps_per_epoch: int, num_classes: int, log: Log) -> runs.Checkpoint:
+    """Loads the newest readable checkpoint into ``model`` (and its stage's optimizer)."""
+    for point in reversed(checkpoints):
+        try:
+            if point.has_optimizer:
+                stage = config.stages[point.stage_index]
+                compile_stage(model, stage, config.model.backbone, steps_per_epoch, num_classes)
+            run.load_checkpoint(point, model, model.optimizer if point.has_optimizer else None)
+        except Exception as error:  # a truncated or foreign file: fall back to the one before
+            log(f"warning: checkpoint {point.name} is unreadable ({str(error).strip().splitlines()[0][:160]}); "
+                f"falling back to the one before")
+            continue
+        log(f"resuming {run.root} after epoch {point.epoch} (checkpoint {point.name})")
+        return point
+    raise RunDirError(f"{run.root} holds an unfinished run but none of its checkpoints can be read. "
+                      f"Fix: pass --restart to start over")
+
+
+# Keys a resumed run may change: a lower learning rate after a NaN, more epochs.
+_RESUMABLE_CHANGES = re.compile(r"^stages\.\d+\.(learning_rate|epochs)$")
+
+
+def check_resumable(config: Config, run: runs.RunDir) -> None:
+    """Refuses to resume a run whose config differs in anything but learning rates and epochs."""
+    import yaml
+
+    with open(run.path(runs.CONFIG), encoding="utf-8") as handle:
+        saved = _flatten(yaml.safe_load(handle))
+    current = _flatten(yaml.safe_load(config_module.dump(config)))
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key) and not _RESUMABLE_CHANGES.match(key):
+            raise RunDirError(f"{run.root} holds an unfinished run with a different config ({key}: "
+                              f"{saved.get(key)!r} there, {current.get(key)!r} now); nothing was changed. "
+                              f"Fix: run the same config to resume it, --restart to start over, or "
+                              f"--run-dir for a new run")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {k: v for index, item in enumerate(value) for k, v in _flatten(item, f"{prefix}{index}.").items()}
+    return {prefix[:-1]: value}
 
 
 def export_after_fit(config: Config, run_dir: str, log: Log) -> None:
@@ -190,17 +273,108 @@ def make_metrics(num_classes: int) -> list[keras.metrics.Metric]:
     return metrics
 
 
+class TrainingStopped(TfsftError):
+    """Training stopped before the stage ended; the run can be resumed."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TerminationSignal:
+    """Within the block, SIGTERM (preemption) asks training to stop after the current step
+    instead of killing the process, so the run ends cleanly at its last checkpoint."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class Guard(keras.callbacks.Callback):
+    """Stops fit at the first non-finite loss, or on SIGTERM, before the epoch is recorded."""
+
+    def __init__(self, termination: TerminationSignal):
+        super().__init__()
+        self.termination = termination
+        self.reason: Optional[str] = None
+        self.where = (0, 0)
+        self.loss = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        return self.reason is not None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.reason, self.where, self.loss = "loss", (self.epoch + 1, batch + 1), float(loss)
+        elif self.termination.received:
+            self.reason, self.where = "sigterm", (self.epoch + 1, batch + 1)
+        if self.reason:
+            self.model.stop_training = True
+
+    def raise_if_stopped(self, stage: StageConfig, index: int, history: list[dict[str, Any]]) -> None:
+        if self.reason is None:
+            return
+        kept = f"epoch {history[-1]['epoch']}" if history else "the start of the run"
+        epoch, step = self.where
+        if self.reason == "loss":
+            lower = f"{stage.learning_rate / 10:g}"
+            raise TrainingStopped(
+                f"the loss became {self.loss} in stage {stage.name}, epoch {epoch}, step {step}; "
+                f"training stopped and the last good checkpoint ({kept}) is kept. Fix: lower the "
+                f"learning rate (e.g. --set stages.{index}.learning_rate={lower}) and run the same "
+                f"command to resume")
+        raise TrainingStopped(
+            f"stopped by SIGTERM in stage {stage.name}, epoch {epoch}, step {step}; the run is saved "
+            f"up to {kept}. Run the same command to resume", exit_code=143)
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves weights and optimizer state after every completed epoch."""
+
+    def __init__(self, run: runs.RunDir, stage_index: int, stage_start: int,
+                 history: list[dict[str, Any]], guard: Guard):
+        super().__init__()
+        self.run, self.stage_index, self.stage_start = run, stage_index, stage_start
+        self.history, self.guard = history, guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.stopped:
+            return
+        self.run.save_checkpoint(self.model, list(self.model.optimizer.variables), runs.Checkpoint(
+            f"epoch-{epoch + 1:04d}", self.stage_index, self.stage_start, epoch + 1, list(self.history)))
+
+
 class HistoryRecorder(keras.callbacks.Callback):
     """Appends one row per epoch (with its stage and learning rate) and rewrites history.csv."""
 
-    def __init__(self, stage: str, rows: list[dict[str, Any]], run: runs.RunDir):
+    def __init__(self, stage: str, rows: list[dict[str, Any]], run: runs.RunDir, guard: "Guard"):
         super().__init__()
-        self.stage, self.rows, self.run = stage, rows, run
+        self.stage, self.rows, self.run, self.guard = stage, rows, run, guard
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard.stopped:
+            return
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {"stage": self.stage, "epoch": epoch + 1, "learning_rate": learning_rate}
         row.update({key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"})
@@ -212,14 +386,16 @@ class HistoryRecorder(keras.callbacks.Callback):
 class EpochLine(keras.callbacks.Callback):
     """One concise line per epoch, for logs and pipes where a progress bar would be noise."""
 
-    def __init__(self, stage: str, last_epoch: int, log: Log):
+    def __init__(self, stage: str, last_epoch: int, log: Log, guard: "Guard"):
         super().__init__()
-        self.stage, self.last_epoch, self.log = stage, last_epoch, log
+        self.stage, self.last_epoch, self.log, self.guard = stage, last_epoch, log, guard
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard.stopped:
+            return
         values = "  ".join(f"{key} {value:.4f}" for key, value in (logs or {}).items()
                            if key != "learning_rate")
         self.log(f"[{self.stage}] epoch {epoch + 1}/{self.last_epoch}  {values}  "
