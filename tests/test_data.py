@@ -42,7 +42,88 @@ def test_files_that_are_not_images_are_skipped_and_reported(tmp_path):
     assert len(source.paths) == 2
     reasons = dict((path.split("/")[-1], reason) for path, reason in source.skipped)
     assert reasons == {"empty.jpg": "empty file",
-                       "page.jpg": "not a JPEG, PNG, GIF or BMP image (file header)"}
+                       "page.jpg": "not a JPEG, PNG, GIF, BMP or WebP image (file header)",
+                       "._good.png": "macOS metadata file (AppleDouble), not an image"}
+
+
+def encoded(image, file_format, **options):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=file_format, **options)
+    return buffer.getvalue()
+
+
+def test_messy_folder_keeps_every_decodable_image_and_reports_the_rest(tmp_path):
+    import os
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8))
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    kept = {
+        "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "gray.png": encoded(rgb.convert("L"), "PNG"),
+        "rgba.png": encoded(rgb.convert("RGBA"), "PNG"),
+        "palette.png": encoded(rgb.convert("P"), "PNG"),
+        "sixteen_bit.png": encoded(Image.fromarray(rng.integers(0, 65535, (24, 36)).astype(np.uint16)), "PNG"),
+        "animated.gif": encoded(rgb, "GIF", save_all=True, append_images=[rgb.rotate(90)]),
+        "plain.bmp": encoded(rgb, "BMP"),
+        "UPPER.JPEG": encoded(rgb, "JPEG"),
+        "café_été.jpg": encoded(rgb, "JPEG"),
+        "photo.webp": encoded(rgb, "WEBP"),
+    }
+    for name, data_bytes in kept.items():
+        (good / name).parent.mkdir(parents=True, exist_ok=True)
+        (good / name).write_bytes(data_bytes)
+    jpeg, png = encoded(rgb, "JPEG"), encoded(rgb, "PNG")
+    broken = {
+        "zero.jpg": (b"", "empty file"),
+        "cut.jpg": (jpeg[: len(jpeg) // 2], "truncated JPEG"),
+        "cut.png": (png[: len(png) // 2], "truncated PNG"),
+        "page.jpg": (b"<!DOCTYPE html><html>404</html>", "not a JPEG, PNG, GIF, BMP or WebP image"),
+        "._photo.jpg": (b"\x00\x05\x16\x07", "AppleDouble"),
+        ".DS_Store": (b"\x00\x00\x00\x01Bud1", "macOS folder metadata"),
+        "Thumbs.db": (b"\xd0\xcf\x11\xe0", "Windows thumbnail cache"),
+        "desktop.ini": (b"[.ShellClassInfo]", "Windows folder settings"),
+        "scan.tiff": (encoded(rgb, "TIFF"), "TIFF images cannot be decoded by TensorFlow"),
+    }
+    for name, (data_bytes, _) in broken.items():
+        (bad / name).parent.mkdir(parents=True, exist_ok=True)
+        (bad / name).write_bytes(data_bytes)
+    (bad / "ok.jpg").write_bytes(jpeg)
+    os.symlink(str(tmp_path / "missing.jpg"), str(bad / "dangling.jpg"))
+    os.symlink(str(bad), str(bad / "loop"))  # a link back up: must not be followed forever
+    source = data.read_source(str(tmp_path))
+    reasons = {os.path.basename(path): reason for path, reason in source.skipped}
+    for name, (_, reason) in broken.items():
+        assert reason in reasons.pop(name), name
+    assert reasons.pop("dangling.jpg").startswith("unreadable")
+    assert reasons == {}
+    assert sorted(os.path.basename(p) for p in source.paths) == sorted(list(kept) + ["ok.jpg"])
+    images, _ = next(iter(data.pipeline(source, 2, (16, 16), len(source), training=False)))
+    assert images.shape == (len(source), 16, 16, 3)
+
+
+def test_images_over_the_pixel_limit_are_left_out_from_the_header(tmp_path):
+    save_image(tmp_path / "a" / "small.png", size=(8, 8))
+    save_image(tmp_path / "a" / "large.png", size=(40, 30))
+    source = data.read_source(str(tmp_path), max_pixels=100)
+    assert [p.split("/")[-1] for p in source.paths] == ["small.png"]
+    assert "40x30 pixels is over data.max_pixels (100)" in source.skipped[0][1]
+
+
+def test_too_many_bad_files_stop_the_run_naming_the_worst_folder(tmp_path):
+    for index in range(4):
+        save_image(tmp_path / "cats" / f"{index}.png")
+        save_image(tmp_path / "dogs" / f"{index}.png")
+    for index in range(3):
+        (tmp_path / "dogs" / "broken" / f"{index}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dogs" / "broken" / f"{index}.jpg").write_bytes(b"")
+    (tmp_path / "cats" / "._0.png").write_bytes(b"\x00\x05")  # junk does not count as a bad image
+    built = data.build(DataConfig(train=str(tmp_path)), seed=0)
+    with pytest.raises(DataError, match=r"3 of 11 image files \(27%\).*most \(3\) are in .*dogs/broken"):
+        data.check_bad_fraction(built, 0.1)
+    data.check_bad_fraction(built, 0.3)
 
 
 @pytest.mark.parametrize("layout, message", [

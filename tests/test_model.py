@@ -160,3 +160,15 @@ def test_from_layer_unfreezes_from_that_layer_up_and_names_valid_layers_when_wro
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(ModelError, match="did you mean 'efficientnet_b0'.*resnet50"):
         backbones.get_spec("efficientnet_bo")
+
+
+def test_a_model_holding_code_is_refused_unless_trusted(tmp_path):
+    inputs = keras.Input(shape=(4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    path = str(tmp_path / "model.keras")
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ModelError) as caught:
+        load(path)
+    assert "--trust-model" in str(caught.value) and "\n" not in str(caught.value)
+    trusted = load(path, trust=True)
+    np.testing.assert_allclose(trusted.predict_on_batch(np.ones((1, 4), "float32")), 2.0)

@@ -31,6 +31,10 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+_trust_option = click.option(
+    "--trust-model", is_flag=True,
+    help="Load a model.keras that holds code (Lambda layers); only for files from a source you trust.")
+
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a config value, e.g. --set data.batch_size=16 or --set stages.1.epochs=3. Repeatable.")
@@ -75,11 +79,12 @@ def fit(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resta
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="A run written by tfsft fit.")
 @click.option("--data", help="Folder, CSV or tfds:NAME[:SPLIT] to evaluate on (default: the run's validation split).")
-def evaluate(run_dir: str, data: str | None) -> None:
+@_trust_option
+def evaluate(run_dir: str, data: str | None, trust_model: bool) -> None:
     """Recompute metrics for a run's model."""
     from tfsft.evaluate import evaluate_run, summary
 
-    metrics, output = evaluate_run(run_dir, data)
+    metrics, output = evaluate_run(run_dir, data, trust_model=trust_model)
     click.echo(summary(metrics))
     click.echo(f"written to {output}")
 
@@ -92,14 +97,16 @@ def evaluate(run_dir: str, data: str | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing version.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="Labels and scores returned per image.")
-def export(run_dir: str, name: str | None, version: int | None, base: str, overwrite: bool, top_k: int) -> None:
+@_trust_option
+def export(run_dir: str, name: str | None, version: int | None, base: str, overwrite: bool, top_k: int,
+           trust_model: bool) -> None:
     """Export a run as a SavedModel for TF Serving (bytes in, labels out), verified."""
     import os
 
     from tfsft.export import export_run
 
     result = export_run(run_dir, name=name, version=version, base=base, overwrite=overwrite,
-                        top_k=top_k, log=lambda line: click.echo(line))
+                        top_k=top_k, trust_model=trust_model, log=lambda line: click.echo(line))
     click.echo(f"exported {result.path} (model '{result.name}', version {result.version}); "
                f"verified on {result.verified_images} images, max probability difference "
                f"{result.max_difference:.1e}")
@@ -115,11 +122,12 @@ def export(run_dir: str, name: str | None, version: int | None, base: str, overw
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True),
               help="Run directory, SavedModel folder (saved_models/NAME/VERSION) or .tflite file.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 1000))
-def predict(inputs: tuple[str, ...], model_path: str, top_k: int) -> None:
+@_trust_option
+def predict(inputs: tuple[str, ...], model_path: str, top_k: int, trust_model: bool) -> None:
     """Print one JSON line per image: path, top-k labels and scores."""
     from tfsft.predict import format_line, load_predictor, predict_files
 
-    predictor = load_predictor(model_path)
+    predictor = load_predictor(model_path, trust_model=trust_model)
     count = 0
     for result in predict_files(predictor, list(inputs), top_k, note=lambda line: click.echo(line, err=True)):
         click.echo(format_line(result))
@@ -144,8 +152,9 @@ def predict(inputs: tuple[str, ...], model_path: str, top_k: int) -> None:
 @click.option("--int8-output", default="float32", show_default=True, type=click.Choice(["float32", "uint8"]),
               help="Output type of the int8 file.")
 @click.option("--strict", is_flag=True, help="Exit 1 when int8 agreement is below --min-agreement.")
+@_trust_option
 def convert(run_dir, saved_model, modes, output, calibration_images, min_agreement, int8_input, int8_output,
-            strict) -> None:
+            strict, trust_model) -> None:
     """Convert to TFLite and check each file against the Keras model with LiteRT."""
     from tfsft.tflite import convert_run, table
 
@@ -154,7 +163,7 @@ def convert(run_dir, saved_model, modes, output, calibration_images, min_agreeme
     reports, report_path, warning = convert_run(
         run_dir, saved_model=saved_model, modes=list(modes), output=output,
         calibration_images=calibration_images, min_agreement=min_agreement, int8_input=int8_input,
-        int8_output=int8_output, log=lambda line: click.echo(line))
+        int8_output=int8_output, trust_model=trust_model, log=lambda line: click.echo(line))
     click.echo(table(reports))
     click.echo(f"report: {report_path}")
     if warning:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from tfsft.backbones import BACKBONES, unknown_backbone_message
+from tfsft.data import DEFAULT_MAX_PIXELS
 from tfsft.errors import ConfigError
 
 WEIGHTS_KEYWORDS = ("imagenet", "none", "auto")
@@ -62,6 +63,12 @@ class DataConfig(_Section):
     augment: Optional[AugmentConfig] = Field(
         None, description="random augmentation of training images; off when absent",
         examples=["{flip: horizontal, rotation: 0.05, zoom: 0.1}"])
+    max_pixels: StrictInt = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels (read from the header) are "
+        "left out", examples=[100000000])
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1, description="stop before training when more than this fraction of "
+        "image files cannot be used", examples=[0.1])
 
     @field_validator("image_size", mode="before")
     @classmethod

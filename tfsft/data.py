@@ -25,9 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tfsft.config import AugmentConfig, DataConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-# The first bytes of each format tf.io.decode_image reads.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# Image formats people keep in image folders that tf.io.decode_image cannot read.
+UNSUPPORTED_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".nef")
+# Files operating systems leave in folders.
+SYSTEM_FILES = {".ds_store": "macOS folder metadata", "thumbs.db": "Windows thumbnail cache",
+                "desktop.ini": "Windows folder settings"}
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 @dataclass
@@ -83,13 +87,14 @@ class Data:
 
 def build(config: "DataConfig", seed: int) -> Data:
     """Reads ``data.train`` (and ``data.val``, or splits train) into training and validation sets."""
-    train = read_source(config.train, "data.train")
+    train = read_source(config.train, "data.train", config.max_pixels)
     if len(train.class_names) < 2:
         raise DataError(f"data.train ({config.train}) has {len(train.class_names)} class"
                         f"{'' if len(train.class_names) == 1 else 'es'}; a classifier needs at "
                         f"least two. Fix: add a sub-folder (or CSV label) per class")
     if config.val is not None:
-        val = read_source(config.val, "data.val").relabel(train.class_names, f"data.val ({config.val})")
+        val = read_source(config.val, "data.val", config.max_pixels).relabel(
+            train.class_names, f"data.val ({config.val})")
     elif train.tfds is not None:
         name, split = train.tfds
         percent = 100 - round(100 * config.val_split)
@@ -110,7 +115,7 @@ def build(config: "DataConfig", seed: int) -> Data:
     return Data(train.class_names, train, val)
 
 
-def read_source(spec: str, what: str = "data") -> Source:
+def read_source(spec: str, what: str = "data", max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """Lists the examples of ``spec``: a folder of class folders, a CSV file, or tfds:NAME[:SPLIT]."""
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")
@@ -121,11 +126,11 @@ def read_source(spec: str, what: str = "data") -> Source:
     if os.path.isfile(spec):
         if not spec.lower().endswith(".csv"):
             raise DataError(f"{what}: expected a folder, a .csv file or tfds:NAME, got the file {spec}")
-        return _csv_source(spec, what)
-    return _folder_source(spec, what)
+        return _csv_source(spec, what, max_pixels)
+    return _folder_source(spec, what, max_pixels)
 
 
-def _folder_source(root: str, what: str) -> Source:
+def _folder_source(root: str, what: str, max_pixels: int) -> Source:
     classes = sorted(entry.name for entry in os.scandir(root)
                      if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
@@ -137,7 +142,7 @@ def _folder_source(root: str, what: str) -> Source:
     labels: list[int] = []
     skipped: list[tuple[str, str]] = []
     for index, name in enumerate(classes):
-        found = _images_below(os.path.join(root, name), skipped)
+        found = _images_below(os.path.join(root, name), skipped, max_pixels)
         if not found:
             raise DataError(f"{what}: class folder {os.path.join(root, name)} has no usable images "
                             f"({', '.join(IMAGE_EXTENSIONS)}, any case, any depth). Fix: add images "
@@ -147,41 +152,106 @@ def _folder_source(root: str, what: str) -> Source:
     return Source(classes, np.array(labels, dtype=np.int64), paths, skipped=skipped)
 
 
-def _images_below(folder: str, skipped: list[tuple[str, str]]) -> list[str]:
+def _images_below(folder: str, skipped: list[tuple[str, str]],
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """Usable image files below ``folder`` (symbolic links to folders are not followed, so a
+    link loop cannot trap the walk); every file passed over that a person would call an image,
+    or that a system left there, is added to ``skipped`` with the reason."""
     found = []
     for directory, subdirectories, files in os.walk(folder):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
             path = os.path.join(directory, name)
-            reason = check_image_file(path)
-            if reason:
-                skipped.append((path, reason))
-            else:
-                found.append(path)
+            lower = name.lower()
+            if name.startswith("._"):
+                skipped.append((path, "macOS metadata file (AppleDouble), not an image"))
+            elif lower in SYSTEM_FILES:
+                skipped.append((path, f"{SYSTEM_FILES[lower]}, not an image"))
+            elif lower.endswith(UNSUPPORTED_EXTENSIONS):
+                skipped.append((path, f"{os.path.splitext(lower)[1][1:].upper()} images cannot be "
+                                      f"decoded by TensorFlow; convert them to JPEG or PNG"))
+            elif lower.endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                reason = check_image_file(path, max_pixels)
+                if reason:
+                    skipped.append((path, reason))
+                else:
+                    found.append(path)
     return found
 
 
-def check_image_file(path: str) -> Optional[str]:
+def check_image_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
     """Returns why ``path`` cannot be an image tf.io.decode_image reads, or None when it can be.
 
-    Only the first bytes are read: this is a cheap filter for empty, unreadable and mislabelled
-    files, not a full decode.
+    Cheap: it reads the header (format, and the size in pixels through Pillow, which reads no
+    pixel data) and the last bytes (a truncated JPEG, PNG, GIF or BMP lacks its end marker),
+    not the whole image.
     """
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as handle:
-            head = handle.read(16)
+            head = handle.read(32)
+            handle.seek(max(0, size - 1024))
+            tail = handle.read()
     except OSError as error:
         return f"unreadable: {error.strerror or error}"
     if not head:
         return "empty file"
-    if not head.startswith(_SIGNATURES):
-        return "not a JPEG, PNG, GIF or BMP image (file header)"
+    kind = _format_of(head)
+    if kind is None:
+        return "not a JPEG, PNG, GIF, BMP or WebP image (file header)"
+    truncated = {
+        "JPEG": b"\xff\xd9" not in tail,
+        "PNG": b"IEND" not in tail[-64:],
+        "GIF": b"\x3b" not in tail[-16:],
+        "BMP": len(head) >= 6 and int.from_bytes(head[2:6], "little") > size,
+        "WebP": len(head) >= 8 and int.from_bytes(head[4:8], "little") + 8 > size,
+    }[kind]
+    if truncated:
+        return f"truncated {kind} (the file ends before the image does)"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # Pillow cannot read every file TensorFlow can; the size check is then skipped.
+        return None
+    if width * height > max_pixels:
+        return (f"{width}x{height} pixels is over data.max_pixels ({max_pixels:,}); raise it to "
+                f"use this image")
     return None
 
 
-def _csv_source(path: str, what: str) -> Source:
+def _format_of(head: bytes) -> Optional[str]:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def check_bad_fraction(data: "Data", max_bad_fraction: float) -> None:
+    """Stops before training when too many image files had to be left out."""
+    bad = [path for path, reason in data.skipped if "not an image" not in reason]
+    total = len(bad) + len(data.train) + len(data.val)
+    if not bad or len(bad) / total <= max_bad_fraction:
+        return
+    folders: dict[str, int] = {}
+    for path in bad:
+        folders[os.path.dirname(path)] = folders.get(os.path.dirname(path), 0) + 1
+    worst, count = max(folders.items(), key=lambda item: item[1])
+    raise DataError(f"{len(bad)} of {total} image files ({len(bad) / total:.0%}) cannot be used, more "
+                    f"than data.max_bad_fraction ({max_bad_fraction}); the most ({count}) are in {worst}. "
+                    f"Fix: see skipped.jsonl in the run directory for each file and reason, repair or "
+                    f"remove them, or raise data.max_bad_fraction")
+
+
+def _csv_source(path: str, what: str, max_pixels: int) -> Source:
     base = os.path.dirname(os.path.abspath(path))
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -198,7 +268,7 @@ def _csv_source(path: str, what: str) -> Source:
         if not os.path.exists(image):
             skipped.append((image, "listed in the CSV but not found"))
             continue
-        reason = check_image_file(image)
+        reason = check_image_file(image, max_pixels)
         if reason:
             skipped.append((image, reason))
             continue
@@ -297,6 +367,10 @@ def pipeline(source: Source, num_classes: int, image_size: tuple[int, int], batc
             dataset = dataset.shuffle(len(source), seed=seed, reshuffle_each_iteration=True)
         dataset = dataset.map(lambda path, label: (decode_image(tf.io.read_file(path)), label),
                               num_parallel_calls=autotune)
+        # The header and end checks before training catch the damaged files we know of; a file
+        # damaged in its middle still fails to decode here, and is dropped rather than ending
+        # the whole fit.
+        dataset = dataset.ignore_errors(log_warning=True)
     else:
         import tensorflow_datasets as tfds
 

@@ -128,7 +128,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def evaluate_run(run_dir: str, data: Optional[str] = None) -> tuple[dict[str, Any], str]:
+def evaluate_run(run_dir: str, data: Optional[str] = None, trust_model: bool = False) -> tuple[dict[str, Any], str]:
     """Recomputes metrics for a run's model on its validation split, or on ``data``.
 
     ``data`` is a folder, CSV or tfds:NAME[:SPLIT] whose classes are among the run's classes.
@@ -154,7 +154,7 @@ def evaluate_run(run_dir: str, data: Optional[str] = None) -> tuple[dict[str, An
     else:
         source = data_module.read_source(data, "--data").relabel(class_names, f"--data {data}")
         name = os.path.basename(os.path.normpath(data.replace(":", "_"))) or "data"
-    model = load(run.path(runs.MODEL))
+    model = load(run.path(runs.MODEL), trust=trust_model)
     dataset = data_module.pipeline(source, len(class_names), config.image_size,
                                    config.data.batch_size, training=False)
     true, probabilities = predict(model, dataset)

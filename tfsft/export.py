@@ -112,7 +112,7 @@ class ServingModule(tf.Module):
 
 def export_run(run_dir: str, *, name: Optional[str] = None, version: Optional[int] = None,
                base: str = "saved_models", overwrite: bool = False, top_k: int = 5,
-               log=print) -> ExportResult:
+               trust_model: bool = False, log=print) -> ExportResult:
     """Exports a run's ``model.keras`` as ``base/name/version`` for TF Serving, verified.
 
     Args:
@@ -122,6 +122,7 @@ def export_run(run_dir: str, *, name: Optional[str] = None, version: Optional[in
         base: the folder TF Serving serves (its models.config is updated).
         overwrite: replace an existing version instead of refusing.
         top_k: how many labels and scores ``classes``/``scores`` return (at most the classes).
+        trust_model: load a model.keras that holds code (see ``tfsft.model.load``).
     """
     from tfsft import config as config_module
     from tfsft.model import load
@@ -137,7 +138,7 @@ def export_run(run_dir: str, *, name: Optional[str] = None, version: Optional[in
     version = _choose_version(model_root, version, overwrite)
     check_writable(model_root)
 
-    model = load(run.path(runs.MODEL))
+    model = load(run.path(runs.MODEL), trust=trust_model)
     encoded, source = sample_images(config, limit=16)
     if source != "validation":
         log(f"note: validation images not found ({source}); verifying on generated images")

@@ -112,10 +112,15 @@ def set_trainable(model: keras.Model, backbone_name: str, trainable: str, batchn
     return len(model.trainable_weights)
 
 
-def load(path: str) -> keras.Model:
-    """Loads a tfsft ``model.keras`` with Keras' safe mode on (no arbitrary code is run)."""
+def load(path: str, trust: bool = False) -> keras.Model:
+    """Loads a ``model.keras``. Keras' safe mode stays on unless ``trust``: a file holding code
+    (a Lambda layer) is refused, since loading it would run that code."""
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        return keras.saving.load_model(path, safe_mode=not trust)
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not trust and ("safe_mode" in message or "Lambda" in message):
+            raise ModelError(f"{path} contains code (a Lambda layer or similar) that loading would run; "
+                             f"tfsft refused it. Fix: if you trust where the file came from, pass "
+                             f"--trust-model") from None
         raise ModelError(f"cannot load model {path} ({message[:300]})") from None

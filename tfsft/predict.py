@@ -27,28 +27,31 @@ class Predictor:
     kind: str
 
 
-def load_predictor(path: str) -> Predictor:
-    """Loads a run directory (model.keras), a SavedModel folder, or a .tflite file."""
+def load_predictor(path: str, trust_model: bool = False) -> Predictor:
+    """Loads a run directory (model.keras), a SavedModel folder, or a .tflite file.
+
+    A SavedModel is a program: load only ones from sources you trust (tfsft's own exports are).
+    """
     if os.path.isfile(path) and path.endswith(".tflite"):
         from tfsft.tflite import load_predictor as load_tflite
 
         return load_tflite(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, runs.MODEL)):
-        return _keras_predictor(path)
+        return _keras_predictor(path, trust_model)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
         return _saved_model_predictor(path)
     raise ModelError(f"--model {path}: expected a run directory (with {runs.MODEL}), a SavedModel "
                      f"folder (with saved_model.pb, e.g. saved_models/NAME/1) or a .tflite file")
 
 
-def _keras_predictor(run_dir: str) -> Predictor:
+def _keras_predictor(run_dir: str, trust_model: bool) -> Predictor:
     from tfsft import config as config_module
     from tfsft.model import load
 
     run = runs.RunDir(run_dir)
     class_names = run.read_class_names()
     image_size = config_module.load(run.path(runs.CONFIG), check_paths=False).image_size
-    model = load(run.path(runs.MODEL))
+    model = load(run.path(runs.MODEL), trust=trust_model)
 
     def probabilities(encoded: list[bytes]) -> np.ndarray:
         return np.asarray(model.predict_on_batch(decode_batch(encoded, image_size)))

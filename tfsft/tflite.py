@@ -171,7 +171,7 @@ def load_predictor(path: str):
 def convert_run(run_dir: Optional[str] = None, *, saved_model: Optional[str] = None, modes: list[str],
                 output: Optional[str] = None, calibration_images: int = 200, max_check_images: int = 200,
                 min_agreement: float = 0.98, int8_input: str = "uint8", int8_output: str = "float32",
-                log=print) -> tuple[list[ModeReport], str, Optional[str]]:
+                trust_model: bool = False, log=print) -> tuple[list[ModeReport], str, Optional[str]]:
     """Converts a run (or an exported SavedModel) in each mode, checks every file with LiteRT on
     the validation images, and writes ``tflite_report.json``.
 
@@ -190,7 +190,7 @@ def convert_run(run_dir: Optional[str] = None, *, saved_model: Optional[str] = N
     class_names = run.read_class_names()
     config = config_module.load(run.path(runs.CONFIG), check_paths=False)
     image_size = config.image_size
-    model = load(run.path(runs.MODEL))
+    model = load(run.path(runs.MODEL), trust=trust_model)
     data = data_module.build(config.data, config.run.seed)
 
     def representative():

@@ -67,6 +67,7 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     if data.skipped:
         run.write_jsonl(runs.SKIPPED, ({"path": path, "reason": reason} for path, reason in data.skipped))
         log(f"skipped {len(data.skipped)} files that are not usable images; see {run.path(runs.SKIPPED)}")
+    data_module.check_bad_fraction(data, config.data.max_bad_fraction)
     log(f"data: {len(data.train)} training and {len(data.val)} validation images, "
         f"{len(class_names)} classes")
 
