@@ -109,7 +109,8 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
             interactive = sys.stdout.isatty()
             callbacks: list[keras.callbacks.Callback] = [
                 guard,
-                HistoryRecorder(stage.name, history, run, guard),
+                HistoryRecorder(stage.name, history, run, guard, stage_start + stage.epochs,
+                                log=None if interactive else log),
                 Checkpointer(run, index, stage_start, history, guard),
                 keras.callbacks.TensorBoard(run.path(runs.LOGS)),
             ]
@@ -117,8 +118,6 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
                 callbacks.append(keras.callbacks.EarlyStopping(
                     monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
                     min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
-            if not interactive:
-                callbacks.append(EpochLine(stage.name, stage_start + stage.epochs, log, guard))
             class_weight = (data_module.class_weights(data.train.labels, len(class_names))
                             if stage.class_weight == "balanced" else None)
             if epoch < stage_start + stage.epochs:
@@ -364,11 +363,15 @@ class Checkpointer(keras.callbacks.Callback):
 
 
 class HistoryRecorder(keras.callbacks.Callback):
-    """Appends one row per epoch (with its stage and learning rate) and rewrites history.csv."""
+    """Appends one row per epoch (stage, learning rate, metrics, seconds), rewrites history.csv,
+    and, given ``log``, prints the row as one concise line (for logs and pipes, where a progress
+    bar would be noise)."""
 
-    def __init__(self, stage: str, rows: list[dict[str, Any]], run: runs.RunDir, guard: "Guard"):
+    def __init__(self, stage: str, rows: list[dict[str, Any]], run: runs.RunDir, guard: "Guard",
+                 last_epoch: int, log: Optional[Log] = None):
         super().__init__()
         self.stage, self.rows, self.run, self.guard = stage, rows, run, guard
+        self.last_epoch, self.log = last_epoch, log
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
@@ -377,27 +380,11 @@ class HistoryRecorder(keras.callbacks.Callback):
         if self.guard.stopped:
             return
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row = {"stage": self.stage, "epoch": epoch + 1, "learning_rate": learning_rate}
-        row.update({key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"})
-        row["seconds"] = round(time.time() - self.epoch_started, 3)
-        self.rows.append(row)
+        metrics = {key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"}
+        seconds = round(time.time() - self.epoch_started, 3)
+        self.rows.append({"stage": self.stage, "epoch": epoch + 1, "learning_rate": learning_rate,
+                          **metrics, "seconds": seconds})
         self.run.write_csv(runs.HISTORY, self.rows)
-
-
-class EpochLine(keras.callbacks.Callback):
-    """One concise line per epoch, for logs and pipes where a progress bar would be noise."""
-
-    def __init__(self, stage: str, last_epoch: int, log: Log, guard: "Guard"):
-        super().__init__()
-        self.stage, self.last_epoch, self.log, self.guard = stage, last_epoch, log, guard
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.guard.stopped:
-            return
-        values = "  ".join(f"{key} {value:.4f}" for key, value in (logs or {}).items()
-                           if key != "learning_rate")
-        self.log(f"[{self.stage}] epoch {epoch + 1}/{self.last_epoch}  {values}  "
-                 f"({time.time() - self.epoch_started:.1f}s)")
+        if self.log is not None:
+            values = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+            self.log(f"[{self.stage}] epoch {epoch + 1}/{self.last_epoch}  {values}  ({seconds:.1f}s)")
