@@ -160,3 +160,32 @@ def test_nan_loss_stops_within_a_step_keeps_the_checkpoint_and_resumes_with_a_lo
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "after epoch 1" in resumed.stdout
     assert [(r["stage"], int(r["epoch"])) for r in history(tmp_path / "run")] == [("head", 1), ("wild", 2), ("wild", 3)]
+
+
+def test_a_file_damaged_inside_stops_fit_naming_it_and_the_run_resumes_without_it(tmp_path, shapes_dir):
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from tfsft import config as config_module
+    from tfsft.errors import TfsftError
+    from tfsft.training import fit
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, folder)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(buffer, "PNG")
+    damaged = bytearray(buffer.getvalue())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 40] = b"\x00" * 40  # header and end intact
+    bad = folder / "circle" / "damaged.png"
+    bad.write_bytes(bytes(damaged))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(tiny_recipe(str(folder), str(tmp_path / "run"), STAGES))
+    config = config_module.load(str(path))
+    with pytest.raises(TfsftError, match=f"cannot be decoded: {bad}.*run the same command to resume"):
+        fit(config, log=lambda line: None)
+    bad.unlink()
+    result = fit(config, log=lambda line: None)
+    assert [(r["stage"], int(r["epoch"])) for r in history(result.run_dir)] == EXPECTED_EPOCHS

@@ -132,9 +132,17 @@ class StageConfig(_Section):
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="balanced weighs each class by n / (classes x class count)",
         examples=["balanced"])
+    cache_features: Literal["auto", "true", "false"] = Field(
+        "auto", description="train a head stage on backbone features computed once (auto: when "
+        "no random augmentation is asked)", examples=["auto"])
     early_stopping: Optional[EarlyStoppingConfig] = Field(
         None, description="stop the stage early and restore its best weights",
         examples=["{monitor: val_loss, patience: 3}"])
+
+    @field_validator("cache_features", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
 
     @field_validator("trainable")
     @classmethod
@@ -449,6 +457,10 @@ def _check(config: Config, check_paths: bool) -> list[tuple[str, str]]:
         if kind == "top_blocks" and spec is not None and not 1 <= int(argument) <= spec.num_blocks:
             problems.append((f"{key}.trainable", f"{spec.name} has {spec.num_blocks} blocks, got "
                              f"top_blocks:{argument}. Fix: use 1 to {spec.num_blocks}, or all"))
+        if stage.cache_features == "true" and kind != "head":
+            problems.append((f"{key}.cache_features", f"features can be cached only while the "
+                             f"backbone is frozen (trainable: head), got trainable: {stage.trainable}. "
+                             f"Fix: remove cache_features or set trainable: head"))
         if stage.warmup_epochs > 0 and stage.schedule != "cosine":
             problems.append((f"{key}.warmup_epochs", f"warmup needs schedule: cosine, got schedule: "
                              f"{stage.schedule}. Fix: set {key}.schedule: cosine or remove warmup_epochs"))

@@ -235,6 +235,20 @@ def _format_of(head: bytes) -> Optional[str]:
     return None
 
 
+def find_undecodable(paths: list[str]) -> list[str]:
+    """The files TensorFlow fails to decode, found by decoding each one (used after a decode
+    error stopped training, to say which file it was)."""
+    import tensorflow as tf
+
+    failed = []
+    for path in paths:
+        try:
+            decode_image(tf.io.read_file(path))
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError):
+            failed.append(path)
+    return failed
+
+
 def check_bad_fraction(data: "Data", max_bad_fraction: float) -> None:
     """Stops before training when too many image files had to be left out."""
     bad = [path for path, reason in data.skipped if "not an image" not in reason]
@@ -365,12 +379,11 @@ def pipeline(source: Source, num_classes: int, image_size: tuple[int, int], batc
         dataset = tf.data.Dataset.from_tensor_slices((source.paths, source.labels))
         if training:
             dataset = dataset.shuffle(len(source), seed=seed, reshuffle_each_iteration=True)
+        # No ignore_errors() here: it would drop files silently and make the dataset's length
+        # unknown to Keras. A file damaged past the checks stops fit, which names it
+        # (find_undecodable) so the run can resume without it.
         dataset = dataset.map(lambda path, label: (decode_image(tf.io.read_file(path)), label),
                               num_parallel_calls=autotune)
-        # The header and end checks before training catch the damaged files we know of; a file
-        # damaged in its middle still fails to decode here, and is dropped rather than ending
-        # the whole fit.
-        dataset = dataset.ignore_errors(log_warning=True)
     else:
         import tensorflow_datasets as tfds
 

@@ -43,7 +43,7 @@ STATE = "state.json"
 CHECKPOINTS = "checkpoints"
 EVALUATION = "evaluation"
 ARTIFACTS = (CONFIG, CLASS_NAMES, HISTORY, METRICS, CONFUSION_MATRIX, TRAINING_CURVES, SKIPPED, MODEL, LOGS,
-             STATE, CHECKPOINTS, EVALUATION, "tflite_report.json", "labels.txt", "model_float32.tflite",
+             STATE, CHECKPOINTS, EVALUATION, "feature_cache", "tflite_report.json", "labels.txt", "model_float32.tflite",
              "model_dynamic.tflite", "model_float16.tflite", "model_int8.tflite")
 KEEP_CHECKPOINTS = 2
 WEIGHTS_FILE = "model.weights.h5"
@@ -191,15 +191,16 @@ class RunDir:
         for old in kept[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(os.path.join(folder, old.name), ignore_errors=True)
 
-    def load_checkpoint(self, point: Checkpoint, model, optimizer) -> None:
-        """Loads a checkpoint's weights, and its optimizer state except the learning rate (the
-        config's wins, so a run can resume with a lower one). Raises on any mismatch."""
+    def load_weights(self, point: Checkpoint, model) -> None:
+        """Loads a checkpoint's model weights; raises if the file is unreadable or foreign."""
+        model.load_weights(os.path.join(self.path(CHECKPOINTS), point.name, WEIGHTS_FILE))
+
+    def load_optimizer(self, point: Checkpoint, optimizer) -> None:
+        """Loads a checkpoint's optimizer state except the learning rate (the config's wins, so
+        a run can resume with a lower one). Raises on any mismatch."""
         import numpy as np
 
         folder = os.path.join(self.path(CHECKPOINTS), point.name)
-        model.load_weights(os.path.join(folder, WEIGHTS_FILE))
-        if not point.has_optimizer:
-            return
         with np.load(os.path.join(folder, OPTIMIZER_FILE)) as saved:
             keys = sorted(saved.files, key=lambda key: int(key.split(":", 1)[0]))
             if len(keys) != len(optimizer.variables):

@@ -25,6 +25,8 @@ from tfsft import data as data_module
 from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
 from tfsft.errors import RunDirError, TfsftError
+from tfsft.features import FOLDER as FEATURE_FOLDER
+from tfsft.features import FeatureCache
 from tfsft.model import BACKBONE_LAYER, build_classifier, set_trainable
 
 Log = Callable[[str], None]
@@ -86,51 +88,72 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     val_data = data_module.pipeline(data.val, len(class_names), image_size, batch_size, training=False)
     steps = data_module.steps_per_epoch(data.train, batch_size)
 
-    resumed = resume(run, checkpoints, model, config, steps, len(class_names), log) if checkpoints else None
-    point = resumed or runs.Checkpoint("start", 0, 0, 0, [], has_optimizer=False)
-    history = list(point.history)
-    run.write_csv(runs.HISTORY, history)
-    epoch = point.epoch
-    stage_seconds: dict[str, float] = {}
-    with TerminationSignal() as termination:
-        for index, stage in enumerate(config.stages):
-            if index < point.stage_index or stage.epochs == 0:
-                continue
-            stage_started = time.time()
-            continuing = resumed is not None and resumed.has_optimizer and index == resumed.stage_index
-            stage_start = point.stage_start_epoch if continuing else epoch
-            if not continuing:
-                compile_stage(model, stage, config.model.backbone, steps, len(class_names))
-            trainable_count = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
-            log(f"stage {stage.name}: {stage.epochs} epochs, trainable {stage.trainable} "
-                f"({trainable_count:,} parameters), {stage.optimizer} lr {stage.learning_rate:g} "
-                f"{stage.schedule}" + (f", resuming after epoch {epoch}" if continuing else ""))
-            guard = Guard(termination)
-            interactive = sys.stdout.isatty()
-            callbacks: list[keras.callbacks.Callback] = [
-                guard,
-                HistoryRecorder(stage.name, history, run, guard, stage_start + stage.epochs,
-                                log=None if interactive else log),
-                Checkpointer(run, index, stage_start, history, guard),
-                keras.callbacks.TensorBoard(run.path(runs.LOGS)),
-            ]
-            if stage.early_stopping is not None:
-                callbacks.append(keras.callbacks.EarlyStopping(
-                    monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
-                    min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
-            class_weight = (data_module.class_weights(data.train.labels, len(class_names))
-                            if stage.class_weight == "balanced" else None)
-            if epoch < stage_start + stage.epochs:
-                model.fit(train_data, validation_data=val_data, initial_epoch=epoch,
-                          epochs=stage_start + stage.epochs, class_weight=class_weight,
-                          callbacks=callbacks, verbose=1 if interactive else 0)
-            guard.raise_if_stopped(stage, index, history)
-            epoch = history[-1]["epoch"] if history else epoch
-            # A stage boundary: the weights as the stage left them (best weights, after early
-            # stopping), from which the next stage starts with a new optimizer.
-            run.save_checkpoint(model, None, runs.Checkpoint(
-                f"stage-{index + 1:02d}-done", index + 1, epoch, epoch, list(history), has_optimizer=False))
-            stage_seconds[stage.name] = round(time.time() - stage_started, 2)
+    cache = FeatureCache(model, data, image_size, batch_size, seed, run.path(FEATURE_FOLDER), log)
+
+    def prepare_stage(index: int) -> StageSetup:
+        stage = config.stages[index]
+        set_trainable(model, config.model.backbone, stage.trainable, stage.batchnorm)
+        if uses_feature_cache(stage, config.data.augment):
+            setup = StageSetup(cache.head_model(), cache.train_dataset(), cache.val_dataset(), cached=True)
+        else:
+            if stage.trainable != "head":
+                cache.invalidate()  # this stage changes the backbone
+            setup = StageSetup(model, train_data, val_data, cached=False)
+        compile_for_stage(setup.model, stage, steps, len(class_names))
+        return setup
+
+    history: list[dict[str, Any]] = []
+    try:
+        resumed, setup = resume(run, checkpoints, model, prepare_stage, log) if checkpoints else (None, None)
+        point = resumed or runs.Checkpoint("start", 0, 0, 0, [], has_optimizer=False)
+        history = list(point.history)
+        run.write_csv(runs.HISTORY, history)
+        epoch = point.epoch
+        stage_seconds: dict[str, float] = {}
+        with TerminationSignal() as termination:
+            for index, stage in enumerate(config.stages):
+                if index < point.stage_index or stage.epochs == 0:
+                    continue
+                stage_started = time.time()
+                continuing = setup is not None and index == point.stage_index
+                stage_start = point.stage_start_epoch if continuing else epoch
+                if not continuing:
+                    setup = prepare_stage(index)
+                trainable_count = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+                log(f"stage {stage.name}: {stage.epochs} epochs, trainable {stage.trainable} "
+                    f"({trainable_count:,} parameters), {stage.optimizer} lr {stage.learning_rate:g} "
+                    f"{stage.schedule}" + (", on cached backbone features" if setup.cached else "")
+                    + (f", resuming after epoch {epoch}" if continuing else ""))
+                guard = Guard(termination)
+                interactive = sys.stdout.isatty()
+                callbacks: list[keras.callbacks.Callback] = [
+                    guard,
+                    EpochEnd(run, model, stage, index, stage_start, history, guard,
+                             log=None if interactive else log),
+                    keras.callbacks.TensorBoard(run.path(runs.LOGS)),
+                ]
+                if stage.early_stopping is not None:
+                    callbacks.append(keras.callbacks.EarlyStopping(
+                        monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
+                        min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
+                class_weight = (data_module.class_weights(data.train.labels, len(class_names))
+                                if stage.class_weight == "balanced" else None)
+                if epoch < stage_start + stage.epochs:
+                    setup.model.fit(setup.train, validation_data=setup.val, initial_epoch=epoch,
+                                    epochs=stage_start + stage.epochs, class_weight=class_weight,
+                                    callbacks=callbacks, verbose=1 if interactive else 0)
+                guard.raise_if_stopped(stage, index, history)
+                epoch = history[-1]["epoch"] if history else epoch
+                # A stage boundary: the weights as the stage left them (best weights, after early
+                # stopping), from which the next stage starts with a new optimizer.
+                run.save_checkpoint(model, None, runs.Checkpoint(
+                    f"stage-{index + 1:02d}-done", index + 1, epoch, epoch, list(history), has_optimizer=False))
+                stage_seconds[stage.name] = round(time.time() - stage_started, 2)
+                setup = None
+    except tf.errors.InvalidArgumentError:
+        raise_for_undecodable(data, history)
+        raise
+    cache.invalidate()
 
     model_path = run.temporary_path(runs.MODEL)
     model.save(model_path)
@@ -166,33 +189,66 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     return RunResult(run.root, metrics)
 
 
-def compile_stage(model: keras.Model, stage: StageConfig, backbone: str, steps_per_epoch: int,
-                  num_classes: int) -> None:
-    """Sets what the stage trains and compiles with a fresh optimizer (built, so its state exists)."""
-    set_trainable(model, backbone, stage.trainable, stage.batchnorm)
-    model.compile(
+@dataclass
+class StageSetup:
+    """What one stage fits: the full model on images, or the head alone on cached features."""
+
+    model: keras.Model
+    train: Any
+    val: Any
+    cached: bool
+
+
+def raise_for_undecodable(data: data_module.Data, history: list[dict[str, Any]]) -> None:
+    """After a decode error in fit: names the files that cannot be decoded, if that was it."""
+    failed = data_module.find_undecodable((data.train.paths or []) + (data.val.paths or []))
+    if failed:
+        kept = f"epoch {history[-1]['epoch']}" if history else "the start of the run"
+        raise TrainingStopped(f"{len(failed)} image file(s) passed the checks but cannot be decoded: "
+                              f"{', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}; the run is "
+                              f"saved up to {kept}. Fix: remove or repair them and run the same command "
+                              f"to resume")
+
+
+def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: int, num_classes: int) -> None:
+    """Compiles with a fresh optimizer for the stage, built so its state exists before any step."""
+    target.compile(
         optimizer=make_optimizer(stage, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
         metrics=make_metrics(num_classes),
     )
-    model.optimizer.build(model.trainable_variables)
+    target.optimizer.build(target.trainable_variables)
 
 
-def resume(run: runs.RunDir, checkpoints: list[runs.Checkpoint], model: keras.Model, config: Config,
-           steps_per_epoch: int, num_classes: int, log: Log) -> runs.Checkpoint:
-    """Loads the newest readable checkpoint into ``model`` (and its stage's optimizer)."""
+def uses_feature_cache(stage: StageConfig, augment) -> bool:
+    """A frozen (head) stage trains on cached features when asked, or by default when no random
+    augmentation would make every epoch's images different."""
+    if stage.trainable != "head" or stage.cache_features == "false":
+        return False
+    augmented = augment is not None and (augment.flip != "none" or augment.rotation or augment.zoom
+                                         or augment.contrast)
+    return stage.cache_features == "true" or not augmented
+
+
+def resume(run: runs.RunDir, checkpoints: list[runs.Checkpoint], model: keras.Model,
+           prepare_stage: Callable[[int], "StageSetup"], log: Log) -> tuple[runs.Checkpoint, Optional["StageSetup"]]:
+    """Loads the newest readable checkpoint into ``model``; for a checkpoint inside a stage, also
+    prepares that stage and loads its optimizer state. Returns the checkpoint and the setup."""
     for point in reversed(checkpoints):
+        setup = None
         try:
+            run.load_weights(point, model)
             if point.has_optimizer:
-                stage = config.stages[point.stage_index]
-                compile_stage(model, stage, config.model.backbone, steps_per_epoch, num_classes)
-            run.load_checkpoint(point, model, model.optimizer if point.has_optimizer else None)
-        except Exception as error:  # a truncated or foreign file: fall back to the one before
+                # Only the optimizer load below can fail for the checkpoint's sake; a failure in
+                # preparing the stage (reading images) is not the checkpoint's and propagates.
+                setup = prepare_stage(point.stage_index)
+                run.load_optimizer(point, setup.model.optimizer)
+        except (OSError, ValueError, KeyError) as error:  # a truncated or foreign file
             log(f"warning: checkpoint {point.name} is unreadable ({str(error).strip().splitlines()[0][:160]}); "
                 f"falling back to the one before")
             continue
         log(f"resuming {run.root} after epoch {point.epoch} (checkpoint {point.name})")
-        return point
+        return point, setup
     raise RunDirError(f"{run.root} holds an unfinished run but none of its checkpoints can be read. "
                       f"Fix: pass --restart to start over")
 
@@ -346,32 +402,18 @@ class Guard(keras.callbacks.Callback):
             f"up to {kept}. Run the same command to resume", exit_code=143)
 
 
-class Checkpointer(keras.callbacks.Callback):
-    """Saves weights and optimizer state after every completed epoch."""
+class EpochEnd(keras.callbacks.Callback):
+    """At the end of every completed epoch, in this order: append its history row (stage,
+    learning rate, metrics, seconds) and rewrite history.csv; save a checkpoint (the full
+    classifier's weights, and the optimizer state of the model being fit: the classifier, or its
+    head on cached features); then, given ``log``, print the row as one line. The line comes
+    last, so whoever reads it knows the epoch is saved."""
 
-    def __init__(self, run: runs.RunDir, stage_index: int, stage_start: int,
-                 history: list[dict[str, Any]], guard: Guard):
+    def __init__(self, run: runs.RunDir, classifier: keras.Model, stage: StageConfig, stage_index: int,
+                 stage_start: int, rows: list[dict[str, Any]], guard: "Guard", log: Optional[Log] = None):
         super().__init__()
-        self.run, self.stage_index, self.stage_start = run, stage_index, stage_start
-        self.history, self.guard = history, guard
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.guard.stopped:
-            return
-        self.run.save_checkpoint(self.model, list(self.model.optimizer.variables), runs.Checkpoint(
-            f"epoch-{epoch + 1:04d}", self.stage_index, self.stage_start, epoch + 1, list(self.history)))
-
-
-class HistoryRecorder(keras.callbacks.Callback):
-    """Appends one row per epoch (stage, learning rate, metrics, seconds), rewrites history.csv,
-    and, given ``log``, prints the row as one concise line (for logs and pipes, where a progress
-    bar would be noise)."""
-
-    def __init__(self, stage: str, rows: list[dict[str, Any]], run: runs.RunDir, guard: "Guard",
-                 last_epoch: int, log: Optional[Log] = None):
-        super().__init__()
-        self.stage, self.rows, self.run, self.guard = stage, rows, run, guard
-        self.last_epoch, self.log = last_epoch, log
+        self.run, self.classifier, self.stage, self.stage_index = run, classifier, stage, stage_index
+        self.stage_start, self.rows, self.guard, self.log = stage_start, rows, guard, log
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
@@ -382,9 +424,12 @@ class HistoryRecorder(keras.callbacks.Callback):
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         metrics = {key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"}
         seconds = round(time.time() - self.epoch_started, 3)
-        self.rows.append({"stage": self.stage, "epoch": epoch + 1, "learning_rate": learning_rate,
+        self.rows.append({"stage": self.stage.name, "epoch": epoch + 1, "learning_rate": learning_rate,
                           **metrics, "seconds": seconds})
         self.run.write_csv(runs.HISTORY, self.rows)
+        self.run.save_checkpoint(self.classifier, list(self.model.optimizer.variables), runs.Checkpoint(
+            f"epoch-{epoch + 1:04d}", self.stage_index, self.stage_start, epoch + 1, list(self.rows)))
         if self.log is not None:
             values = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
-            self.log(f"[{self.stage}] epoch {epoch + 1}/{self.last_epoch}  {values}  ({seconds:.1f}s)")
+            last = self.stage_start + self.stage.epochs
+            self.log(f"[{self.stage.name}] epoch {epoch + 1}/{last}  {values}  ({seconds:.1f}s)")
