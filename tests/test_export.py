@@ -239,3 +239,37 @@ def test_int8_with_float_input_and_quantized_output(trained_run, tmp_path):
     expected = model.predict_on_batch(images[:8])
     got = np.stack([lite.predict(image) for image in images[:8]])
     assert np.max(np.abs(got - expected)) < 0.05, "dequantized uint8 output far from the Keras probabilities"
+
+
+def test_int8_gate_names_a_mode_that_passed_and_strict_exits_1(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from tfsft.cli import main
+
+    def report(mode, agreement):
+        return tflite.ModeReport(mode, f"{mode}.tflite", 100, 1.0, 0.9, agreement, 0.01, 1.0)
+
+    reports = [report("none", 1.0), report("float16", 0.995), report("int8", 0.9)]
+    warning = tflite.agreement_warning(reports, 0.98, 200)
+    assert warning == ("int8 agrees with the Keras model on only 90.0% of 200 validation images "
+                       "(required 98%); use float16 instead (agreement 0.995)")
+    assert tflite.agreement_warning(reports, 0.85, 200) is None
+    assert "try float16 or dynamic" in tflite.agreement_warning([report("int8", 0.5)], 0.98, 10)
+
+    monkeypatch.setattr(tflite, "convert_run", lambda *a, **k: (reports, "r.json", warning))
+    lenient = CliRunner().invoke(main, ["convert", "--run-dir", str(tmp_path), "--quantize", "int8"])
+    assert lenient.exit_code == 0 and "use float16 instead" in lenient.output
+    strict = CliRunner().invoke(main, ["convert", "--run-dir", str(tmp_path), "--quantize", "int8", "--strict"])
+    assert strict.exit_code == 1
+
+
+def test_unwritable_export_folder_stops_fit_before_training(tmp_path, shapes_dir):
+    (tmp_path / "a_file").write_text("x")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_recipe(shapes_dir, str(tmp_path / "run"), extra=f"""
+    export: {{name: shapes, base: {tmp_path / "a_file" / "models"}}}
+    """))
+    config = config_module.load(str(recipe))
+    with pytest.raises(TfsftError, match="cannot write to"):
+        fit(config, log=lambda line: None)
+    assert not (tmp_path / "run" / "checkpoints").exists(), "training started"

@@ -228,15 +228,19 @@ def convert_run(run_dir: Optional[str] = None, *, saved_model: Optional[str] = N
     runs.atomic_write(report_path, (json.dumps({
         "validation_images": int(len(labels)), "keras_accuracy": float(np.mean(np.argmax(keras_probabilities, -1) == labels)),
         "min_agreement": min_agreement, "modes": [r.as_dict() for r in reports]}, indent=2) + "\n").encode())
-    warning = None
+    return reports, report_path, agreement_warning(reports, min_agreement, len(labels))
+
+
+def agreement_warning(reports: list[ModeReport], min_agreement: float, images: int) -> Optional[str]:
+    """A plain sentence when int8 agrees with Keras on too few images, naming a mode that passed."""
     int8 = next((r for r in reports if r.mode == "int8"), None)
-    if int8 is not None and int8.agreement < min_agreement:
-        passing = [r.mode for r in reports if r.mode != "int8" and r.agreement >= min_agreement]
-        suggestion = (f"use {passing[-1]} instead (agreement {next(r for r in reports if r.mode == passing[-1]).agreement:.3f})"
-                      if passing else "try float16 or dynamic, which keep activations in float")
-        warning = (f"int8 agrees with the Keras model on only {int8.agreement:.1%} of "
-                   f"{len(labels)} validation images (required {min_agreement:.0%}); {suggestion}")
-    return reports, report_path, warning
+    if int8 is None or int8.agreement >= min_agreement:
+        return None
+    passing = [r for r in reports if r.mode != "int8" and r.agreement >= min_agreement]
+    suggestion = (f"use {passing[-1].mode} instead (agreement {passing[-1].agreement:.3f})" if passing
+                  else "try float16 or dynamic, which keep activations in float")
+    return (f"int8 agrees with the Keras model on only {int8.agreement:.1%} of {images} validation "
+            f"images (required {min_agreement:.0%}); {suggestion}")
 
 
 def check_file(path: str, mode: str, images: np.ndarray, labels: np.ndarray,
