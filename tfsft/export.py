@@ -136,7 +136,7 @@ def export_run(run_dir: str, *, name: Optional[str] = None, version: Optional[in
                           f"URL path in TF Serving). Fix: pass --name")
     model_root = os.path.join(base, name)
     version = _choose_version(model_root, version, overwrite)
-    check_writable(model_root)
+    runs.check_writable(model_root, "export folder", "choose another --base or fix its permissions")
 
     model = load(run.path(runs.MODEL), trust=trust_model)
     encoded, source = sample_images(config, limit=16)
@@ -279,16 +279,6 @@ def _choose_version(model_root: str, version: Optional[int], overwrite: bool) ->
                           f"changed. Fix: pass --overwrite to replace it, or omit --version to "
                           f"write version {existing[-1] + 1}")
     return version
-
-
-def check_writable(folder: str) -> None:
-    """Creates ``folder`` if needed and fails with one line when it cannot be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise ExportError(f"cannot write to {folder} ({error.strerror or error}). Fix: choose "
-                          f"another --base or fix its permissions") from None
 
 
 def _publish(staging: str, target: str) -> None:

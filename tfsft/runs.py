@@ -91,12 +91,7 @@ class RunDir:
         checkpoint hold no work and are replaced.
         """
         run = cls(root)
-        try:
-            os.makedirs(root, exist_ok=True)
-            tempfile.TemporaryFile(dir=root, prefix=".tfsft-write-check-").close()
-        except OSError as error:
-            raise RunDirError(f"cannot write to run directory {root} ({error.strerror or error}). "
-                              f"Fix: choose another --run-dir or fix its permissions") from None
+        check_writable(root, "run directory", "choose another --run-dir or fix its permissions")
         state = None if restart else run.read_state()
         if state is not None:
             if state.get("finished"):
@@ -222,6 +217,16 @@ class RunDir:
         handle, path = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
         os.close(handle)
         return path
+
+
+def check_writable(folder: str, what: str, fix: str) -> None:
+    """Creates ``folder`` if needed and fails with one line when a file cannot be written there,
+    so an unwritable place is reported before any work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder, prefix=".tfsft-write-check-").close()
+    except OSError as error:
+        raise RunDirError(f"cannot write to {what} {folder} ({error.strerror or error}). Fix: {fix}") from None
 
 
 _fault_counts: dict[str, int] = {}

@@ -58,9 +58,8 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     if checkpoints:
         check_resumable(config, run)
     if config.export.name:
-        from tfsft.export import check_writable
-
-        check_writable(os.path.join(config.export.base, config.export.name))
+        runs.check_writable(os.path.join(config.export.base, config.export.name), "export folder",
+                            "change export.base or fix its permissions")
     run.write_text(runs.CONFIG, config_module.dump(config))
 
     data = data_module.build(config.data, config.run.seed)
