@@ -32,6 +32,9 @@ UNSUPPORTED_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".
 SYSTEM_FILES = {".ds_store": "macOS folder metadata", "thumbs.db": "Windows thumbnail cache",
                 "desktop.ini": "Windows folder settings"}
 DEFAULT_MAX_PIXELS = 100_000_000
+# Ends the reason of a skipped file that never was an image (OS files): such files are listed
+# but do not count as damaged images against data.max_bad_fraction.
+NOT_AN_IMAGE = "not an image"
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _folder_source(root: str, what: str, max_pixels: int) -> Source:
     labels: list[int] = []
     skipped: list[tuple[str, str]] = []
     for index, name in enumerate(classes):
-        found = _images_below(os.path.join(root, name), skipped, max_pixels)
+        found = images_below(os.path.join(root, name), skipped, max_pixels)
         if not found:
             raise DataError(f"{what}: class folder {os.path.join(root, name)} has no usable images "
                             f"({', '.join(IMAGE_EXTENSIONS)}, any case, any depth). Fix: add images "
@@ -152,8 +155,8 @@ def _folder_source(root: str, what: str, max_pixels: int) -> Source:
     return Source(classes, np.array(labels, dtype=np.int64), paths, skipped=skipped)
 
 
-def _images_below(folder: str, skipped: list[tuple[str, str]],
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+def images_below(folder: str, skipped: list[tuple[str, str]],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
     """Usable image files below ``folder`` (symbolic links to folders are not followed, so a
     link loop cannot trap the walk); every file passed over that a person would call an image,
     or that a system left there, is added to ``skipped`` with the reason."""
@@ -164,9 +167,9 @@ def _images_below(folder: str, skipped: list[tuple[str, str]],
             path = os.path.join(directory, name)
             lower = name.lower()
             if name.startswith("._"):
-                skipped.append((path, "macOS metadata file (AppleDouble), not an image"))
+                skipped.append((path, f"macOS metadata file (AppleDouble), {NOT_AN_IMAGE}"))
             elif lower in SYSTEM_FILES:
-                skipped.append((path, f"{SYSTEM_FILES[lower]}, not an image"))
+                skipped.append((path, f"{SYSTEM_FILES[lower]}, {NOT_AN_IMAGE}"))
             elif lower.endswith(UNSUPPORTED_EXTENSIONS):
                 skipped.append((path, f"{os.path.splitext(lower)[1][1:].upper()} images cannot be "
                                       f"decoded by TensorFlow; convert them to JPEG or PNG"))
@@ -251,7 +254,7 @@ def find_undecodable(paths: list[str]) -> list[str]:
 
 def check_bad_fraction(data: "Data", max_bad_fraction: float) -> None:
     """Stops before training when too many image files had to be left out."""
-    bad = [path for path, reason in data.skipped if "not an image" not in reason]
+    bad = [path for path, reason in data.skipped if not reason.endswith(NOT_AN_IMAGE)]
     total = len(bad) + len(data.train) + len(data.val)
     if not bad or len(bad) / total <= max_bad_fraction:
         return

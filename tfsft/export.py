@@ -201,20 +201,21 @@ def write_warmup_requests(path: str, model_name: str, encoded_images: list[bytes
 def verify(path: str, model, encoded_images: list[bytes], image_size: tuple[int, int]) -> float:
     """Reloads the SavedModel and runs every signature on the images; returns the largest
     probability difference from the in-memory Keras model."""
+    from tfsft.predict import decode_batch
+
     loaded = tf.saved_model.load(path)
-    decoded = [data_module.decode_image(tf.constant(image)) for image in encoded_images]
-    resized = tf.stack([data_module.resize(image, image_size) for image in decoded])
+    resized = decode_batch(encoded_images, image_size)
+    # uint8 input rounds the resized pixels, so that signature is compared with the model on the
+    # same rounded pixels.
+    rounded = np.round(resized)
     expected = np.asarray(model.predict_on_batch(resized), dtype=np.float64)
-    outputs = [
-        loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images)),
-        loaded.signatures["predict_images"](images=resized),
-        loaded.signatures["predict_images_uint8"](images=tf.cast(tf.round(resized), tf.uint8)),
+    expected_rounded = np.asarray(model.predict_on_batch(rounded), dtype=np.float64)
+    checks = [
+        (loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images)), expected),
+        (loaded.signatures["predict_images"](images=tf.constant(resized)), expected),
+        (loaded.signatures["predict_images_uint8"](images=tf.constant(rounded.astype(np.uint8))), expected_rounded),
     ]
-    difference = max(float(np.max(np.abs(out["probabilities"].numpy() - expected))) for out in outputs[:2])
-    # uint8 input rounds the resized pixels, so compare it with the model on the same rounded pixels.
-    rounded = np.asarray(model.predict_on_batch(tf.round(resized)), dtype=np.float64)
-    difference = max(difference, float(np.max(np.abs(outputs[2]["probabilities"].numpy() - rounded))))
-    return difference
+    return max(float(np.max(np.abs(out["probabilities"].numpy() - want))) for out, want in checks)
 
 
 def sample_images(config, limit: int) -> tuple[list[bytes], str]:

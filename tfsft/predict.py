@@ -86,26 +86,21 @@ def decode_batch(encoded: list[bytes], image_size: tuple[int, int]) -> np.ndarra
 
 
 def list_images(paths: list[str], notes: list[str]) -> Iterator[str]:
-    """Files as given, and image files found below folders; notes what is passed over."""
+    """Files as given, and image files found below folders (the walk and checks training uses);
+    notes what is passed over."""
     for path in paths:
+        skipped: list[tuple[str, str]] = []
         if os.path.isdir(path):
-            for directory, subdirectories, files in os.walk(path):
-                subdirectories.sort()
-                for name in sorted(files):
-                    if name.lower().endswith(data_module.IMAGE_EXTENSIONS) and not name.startswith("."):
-                        yield from _checked(os.path.join(directory, name), notes)
-        elif os.path.exists(path):
-            yield from _checked(path, notes)
+            yield from data_module.images_below(path, skipped)
+        elif not os.path.exists(path):
+            skipped.append((path, "not found"))
         else:
-            notes.append(f"skipped {path}: not found")
-
-
-def _checked(path: str, notes: list[str]) -> Iterator[str]:
-    reason = data_module.check_image_file(path)
-    if reason:
-        notes.append(f"skipped {path}: {reason}")
-    else:
-        yield path
+            reason = data_module.check_image_file(path)
+            if reason:
+                skipped.append((path, reason))
+            else:
+                yield path
+        notes.extend(f"skipped {skipped_path}: {reason}" for skipped_path, reason in skipped)
 
 
 def predict_files(predictor: Predictor, paths: list[str], top_k: int, note: Callable[[str], None],
