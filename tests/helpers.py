@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,48 @@ def tiny_recipe(train: str, run_dir: str, stages: str | None = None, extra: str 
             f"run:\n  dir: {run_dir}\n  seed: 0\n") + textwrap.dedent(extra)
 
 
-def run_cli(*args: str, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs the real ``tfsft`` command in a subprocess."""
+def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """Runs the real ``tfsft`` command in a subprocess (``env``: variables to add)."""
     return subprocess.run([sys.executable, "-m", "tfsft", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def save_hub_module(net, path: str, image_size=None) -> str:
+    """Saves a Keras model as a reusable TF2 SavedModel, the way TF Hub image modules are made:
+    ``__call__(images, training)`` traced for both training values, plus ``variables``,
+    ``trainable_variables`` and ``regularization_losses``. Serves as a local Hub module."""
+    from tfsft.tfimport import tf
+
+    side = None if image_size is None else image_size
+    spec = tf.TensorSpec([None, side, side, 3], tf.float32)
+    module = tf.train.Checkpoint()
+    module.net = net
+
+    @tf.function
+    def call(images, training=False):
+        return net(images, training=training)
+
+    call.get_concrete_function(spec, training=True)
+    call.get_concrete_function(spec, training=False)
+    module.__call__ = call
+    module.variables = [variable.value for variable in net.variables]
+    module.trainable_variables = [variable.value for variable in net.trainable_variables]
+    module.regularization_losses = []
+    tf.saved_model.save(module, path)
+    return path
+
+
+def small_convnet(name: str = "small_convnet", seed: int = 0):
+    """A small conv net with BatchNorm: input [0, 1] images, output pooled features."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = inputs
+    for index, width in enumerate((16, 32, 64, 64)):
+        x = keras.layers.Conv2D(width, 3, strides=1 if index == 0 else 2, padding="same",
+                                name=f"conv{index + 1}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{index + 1}")(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name=name)

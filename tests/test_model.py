@@ -28,6 +28,9 @@ def test_block_table_matches_the_real_network(name):
     blocks = backbones.assign_blocks(backbone, spec)
     assert blocks[0][0] == "stem"
     assert len(blocks) - 1 == spec.num_blocks, [b for b, _ in blocks]
+    # What `tfsft backbones` prints comes from the table: check it against the network.
+    assert (blocks[1][0], blocks[-1][0]) == (spec.first_block, spec.last_block)
+    assert backbone.count_params() == spec.params
     assert sum(len(layers) for _, layers in blocks) == len(backbone.layers)
     assert weights_used.startswith("none")
 
@@ -124,14 +127,14 @@ def _trainable_layer_names(model):
 
 def test_head_stage_trains_only_the_head():
     model = classifier()
-    set_trainable(model, "mobilenet_v3_small", "head", "frozen")
+    set_trainable(model, "head", "frozen")
     assert _trainable_layer_names(model) == set()
     assert [w.path for w in model.trainable_weights] == ["predictions/kernel", "predictions/bias"]
 
 
 def test_top_blocks_unfreezes_whole_blocks_but_keeps_batchnorm_frozen():
     model = classifier("resnet50")
-    set_trainable(model, "resnet50", "top_blocks:2", "frozen")
+    set_trainable(model, "top_blocks:2", "frozen")
     trainable = _trainable_layer_names(model)
     assert trainable, "nothing was unfrozen"
     assert all(name.startswith(("conv5_block3", "conv5_block2")) for name in trainable), trainable
@@ -139,22 +142,22 @@ def test_top_blocks_unfreezes_whole_blocks_but_keeps_batchnorm_frozen():
     assert not any(name.endswith("_bn") for name in trainable)
     assert "conv5_block1_1_conv" not in trainable
 
-    set_trainable(model, "resnet50", "top_blocks:2", "train")
+    set_trainable(model, "top_blocks:2", "train")
     assert "conv5_block3_3_bn" in _trainable_layer_names(model)
 
-    set_trainable(model, "resnet50", "all", "frozen")
+    set_trainable(model, "all", "frozen")
     assert "conv1_conv" in _trainable_layer_names(model)
-    set_trainable(model, "resnet50", "head", "frozen")
+    set_trainable(model, "head", "frozen")
     assert _trainable_layer_names(model) == set()
 
 
 def test_from_layer_unfreezes_from_that_layer_up_and_names_valid_layers_when_wrong():
     model = classifier("resnet50")
-    set_trainable(model, "resnet50", "from_layer:conv5_block1_1_conv", "frozen")
+    set_trainable(model, "from_layer:conv5_block1_1_conv", "frozen")
     trainable = _trainable_layer_names(model)
     assert "conv5_block1_1_conv" in trainable and "conv4_block6_3_conv" not in trainable
     with pytest.raises(ModelError, match="no layer named 'conv9'.*conv5_block3_out"):
-        set_trainable(model, "resnet50", "from_layer:conv9", "frozen")
+        set_trainable(model, "from_layer:conv9", "frozen")
 
 
 def test_unknown_backbone_lists_valid_names():

@@ -8,6 +8,10 @@ count of layers.
 
 The table is plain data and imports nothing heavy: the config is checked against it before
 TensorFlow is imported.
+
+``model.backbone`` is a table name, or one of three other sources (``parse``): ``hub:HANDLE`` (a TF
+Hub / Kaggle Models module, ``tfsft.hub``), ``run:DIR`` (the backbone of a model tfsft trained
+before) or ``keras:PATH.keras`` (the backbone of a saved tfsft model).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class BackboneSpec:
             the tests, and used to validate ``top_blocks:N`` before TensorFlow is imported.
         weights_file: file name Keras caches the ImageNet no-top weights under
             (``$KERAS_HOME/models/``, default ``~/.keras/models/``).
+        params: parameters without the classification top.
+        first_block, last_block: the bottom and top block names (``tfsft backbones``).
+        The last three are checked against the real networks by the tests.
     """
 
     name: str
@@ -53,6 +60,9 @@ class BackboneSpec:
     block_pattern: str
     num_blocks: int
     weights_file: str
+    params: int
+    first_block: str
+    last_block: str
 
     def weights_file_for(self, image_size: tuple[int, int]) -> str:
         """The cached weights file name, which for MobileNetV2 depends on the image size."""
@@ -70,25 +80,45 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
         BackboneSpec("resnet50", "ResNet50", "caffe", 224, 32, _RESNET_BLOCKS, 16,
-                     "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                     "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     23587712, "conv2_block1", "conv5_block3"),
         BackboneSpec("resnet50v2", "ResNet50V2", "tf", 224, 32, _RESNET_BLOCKS, 16,
-                     "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                     "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     23564800, "conv2_block1", "conv5_block3"),
         BackboneSpec("resnet101", "ResNet101", "caffe", 224, 32, _RESNET_BLOCKS, 33,
-                     "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                     "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                     42658176, "conv2_block1", "conv5_block3"),
         BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", 224, 32, r"(expanded_conv|block_\d+)_", 17,
-                     "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"),
+                     "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5",
+                     2257984, "expanded_conv", "block_16"),
         BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "builtin", 224, 32,
                      _MOBILENET_V3_BLOCKS, 11,
-                     "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+                     "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+                     939120, "expanded_conv", "expanded_conv_10"),
         BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "builtin", 224, 32,
                      _MOBILENET_V3_BLOCKS, 15,
-                     "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+                     "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+                     2996352, "expanded_conv", "expanded_conv_14"),
         BackboneSpec("efficientnet_b0", "EfficientNetB0", "builtin", 224, 32, _EFFICIENTNET_BLOCKS, 16,
-                     "efficientnetb0_notop.h5"),
+                     "efficientnetb0_notop.h5",
+                     4049571, "block1a", "block7a"),
         BackboneSpec("efficientnetv2_b0", "EfficientNetV2B0", "builtin", 224, 32,
-                     _EFFICIENTNET_BLOCKS, 21, "efficientnetv2-b0_notop.h5"),
+                     _EFFICIENTNET_BLOCKS, 21, "efficientnetv2-b0_notop.h5",
+                     5919312, "block1a", "block6h"),
     ]
 }
+
+
+SOURCES = ("hub", "run", "keras")
+
+
+def parse(backbone: str) -> tuple[str, str]:
+    """Splits ``model.backbone`` into (source, value): ("table", "resnet50"), ("hub", URL),
+    ("run", DIR), ("keras", PATH)."""
+    source, separator, value = backbone.partition(":")
+    if separator and source in SOURCES:
+        return source, value
+    return "table", backbone
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -101,7 +131,8 @@ def get_spec(name: str) -> BackboneSpec:
 def unknown_backbone_message(name: str) -> str:
     close = difflib.get_close_matches(name, BACKBONES, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown backbone '{name}'; {hint}valid names: {', '.join(BACKBONES)}"
+    return (f"unknown backbone '{name}'; {hint}valid names: {', '.join(BACKBONES)}, or "
+            f"hub:HANDLE, run:DIR, keras:PATH.keras")
 
 
 def keras_cache_dir() -> str:

@@ -7,6 +7,7 @@ errors answer at once.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import click
 
@@ -196,18 +197,36 @@ def config_check(path: str, overrides: tuple[str, ...]) -> None:
 
     loaded = config_module.load(path, overrides)
     stages = ", ".join(f"{stage.name} ({stage.epochs} epochs, {stage.trainable})" for stage in loaded.stages)
-    click.echo(f"{path}: valid. backbone {loaded.model.backbone} at {loaded.image_size[0]}x"
-               f"{loaded.image_size[1]}; stages: {stages}")
+    size = (f"{loaded.image_size[0]}x{loaded.image_size[1]}" if loaded.data.image_size
+            else "the backbone's own image size")
+    click.echo(f"{path}: valid. backbone {loaded.model.backbone} at {size}; stages: {stages}")
 
 
 @main.command()
-def backbones() -> None:
-    """List the supported backbones."""
-    from tfsft.backbones import BACKBONES
+@click.argument("name", required=False)
+def backbones(name: Optional[str]) -> None:
+    """List the supported backbones, or the blocks of one (for trainable: top_blocks:N)."""
+    from tfsft.backbones import BACKBONES, get_spec
 
-    click.echo(f"{'name':<20}{'default size':>13}  {'preprocessing':<14}{'blocks':>6}")
-    for spec in BACKBONES.values():
-        click.echo(f"{spec.name:<20}{spec.default_size:>13}  {spec.preprocessing:<14}{spec.num_blocks:>6}")
+    if name is None:
+        click.echo(f"{'name':<20}{'size':>5}  {'preprocessing':<14}{'params':>7}{'blocks':>7}  block names")
+        for spec in BACKBONES.values():
+            click.echo(f"{spec.name:<20}{spec.default_size:>5}  {spec.preprocessing:<14}"
+                       f"{spec.params / 1e6:>6.1f}M{spec.num_blocks:>7}  {spec.first_block} ... {spec.last_block}")
+        click.echo("also: hub:HANDLE (TF Hub / Kaggle Models module), run:DIR and keras:PATH.keras "
+                   "(the backbone of a model tfsft trained); `tfsft backbones NAME` lists NAME's blocks")
+        return
+    from tfsft.tfimport import tf  # noqa: F401  (imports TensorFlow quietly first)
+    from tfsft.backbones import assign_blocks, build_backbone
+
+    spec = get_spec(name)
+    backbone, _ = build_backbone(spec, "none", (spec.min_size, spec.min_size))
+    blocks = assign_blocks(backbone, spec)
+    click.echo(f"{spec.name}: {len(blocks) - 1} blocks, bottom to top; top_blocks:N unfreezes the last N")
+    for index, (block, layers) in enumerate(blocks):
+        params = sum(layer.count_params() for layer in layers)
+        label = "stem (never in top_blocks)" if index == 0 else f"top_blocks:{len(blocks) - index:<3}"
+        click.echo(f"  {block:<22}{label:<28}{len(layers):>4} layers {params:>12,} params")
 
 
 @main.command("sample-data")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from tfsft.backbones import BACKBONES, unknown_backbone_message
+from tfsft.backbones import parse as parse_backbone
 from tfsft.data import DEFAULT_MAX_PIXELS
 from tfsft.errors import ConfigError
 
@@ -58,7 +59,8 @@ class DataConfig(_Section):
         "is absent", examples=[0.2])
     image_size: Optional[list[int]] = Field(
         None, description="[height, width] the model resizes images to (one number for a "
-        "square); default: the backbone's own size", examples=["[224, 224]"])
+        "square); default: the backbone's own size (a Hub module's input size, else 224; a "
+        "reused model's training size)", examples=["[224, 224]"])
     batch_size: StrictInt = Field(32, ge=1, description="images per training step", examples=[32])
     augment: Optional[AugmentConfig] = Field(
         None, description="random augmentation of training images; off when absent",
@@ -85,14 +87,30 @@ class DataConfig(_Section):
         return None if value is None else list(value)
 
 
+class HubConfig(_Section):
+    """How to feed a `hub:` backbone."""
+
+    input_range: list[float] = Field(
+        [0.0, 1.0], min_length=2, max_length=2, description="[low, high] pixel range the module "
+        "expects (TF Hub image modules: [0, 1])", examples=["[0, 1]"])
+    output_key: Optional[str] = Field(
+        None, description="for modules that return a dict: the entry holding the features "
+        "(default: default)", examples=["default"])
+
+
 class ModelConfig(_Section):
     """The network: a pretrained backbone and a new softmax head."""
 
     backbone: str = Field(
-        "resnet50", description="backbone name (`tfsft backbones` lists them)", examples=["resnet50"])
-    weights: str = Field(
-        "imagenet", description="imagenet | none | auto (imagenet when it can be loaded, else "
-        "random with a warning) | path/to/file.weights.h5", examples=["imagenet"])
+        "resnet50", description="a name from `tfsft backbones`, hub:HANDLE (tfhub.dev or Kaggle "
+        "Models URL, gs:// path or local SavedModel folder), run:DIR (the backbone of a tfsft "
+        "run) or keras:PATH.keras (the backbone of a saved tfsft model)", examples=["resnet50"])
+    weights: Optional[str] = Field(
+        None, description="for table backbones: imagenet (the default) | none | auto (imagenet "
+        "when it can be loaded, else random with a warning) | path/to/file.weights.h5",
+        examples=["imagenet"])
+    hub: HubConfig = Field(default_factory=HubConfig, description="settings for hub: backbones",
+                           examples=["{input_range: [0, 1]}"])
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the head", examples=[0.2])
 
 
@@ -132,6 +150,9 @@ class StageConfig(_Section):
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="balanced weighs each class by n / (classes x class count)",
         examples=["balanced"])
+    backbone_lr_multiplier: float = Field(
+        1.0, gt=0, le=10, description="the unfrozen backbone learns at learning_rate times this "
+        "(discriminative learning rate; the head at learning_rate)", examples=[0.1])
     cache_features: Literal["auto", "true", "false"] = Field(
         "auto", description="train a head stage on backbone features computed once (auto: when "
         "no random augmentation is asked)", examples=["auto"])
@@ -211,7 +232,8 @@ class Config(_Section):
     @property
     def image_size(self) -> tuple[int, int]:
         """The resolved (height, width); set by ``load`` from the backbone when absent."""
-        assert self.data.image_size is not None, "image_size is resolved by config.load"
+        assert self.data.image_size is not None, \
+            "image_size is resolved by config.load (table backbones) or model.resolve_backbone"
         return int(self.data.image_size[0]), int(self.data.image_size[1])
 
 
@@ -407,20 +429,29 @@ def _describe(error: dict, source: str, overridden: Sequence[str]) -> str:
 def _check(config: Config, check_paths: bool) -> list[tuple[str, str]]:
     """Checks across fields and against the file system; returns (key, message) pairs."""
     problems: list[tuple[str, str]] = []
-    spec = BACKBONES.get(config.model.backbone)
-    if spec is None:
+    source, value = parse_backbone(config.model.backbone)
+    spec = BACKBONES.get(value) if source == "table" else None
+    if source == "table" and spec is None:
         problems.append(("model.backbone", unknown_backbone_message(config.model.backbone) +
                          ". Fix: pick one of those"))
-    else:
+    elif spec is not None:
         if config.data.image_size is None:
             config.data.image_size = [spec.default_size, spec.default_size]
         if min(config.data.image_size) < spec.min_size:
             problems.append(("data.image_size", f"{spec.name} needs at least {spec.min_size} "
                              f"pixels a side, got {config.data.image_size}. Fix: e.g. "
                              f"data.image_size: [{spec.default_size}, {spec.default_size}]"))
+    else:
+        problems.extend(_check_backbone_source(config, source, value, check_paths))
 
     weights = config.model.weights
-    if weights not in WEIGHTS_KEYWORDS:
+    if source != "table":
+        if weights is not None:
+            problems.append(("model.weights", f"a {source}: backbone brings its own weights, so "
+                             f"model.weights does not apply. Fix: remove model.weights"))
+    elif weights is None:
+        config.model.weights = "imagenet"
+    elif weights not in WEIGHTS_KEYWORDS:
         if not weights.endswith(".h5"):
             problems.append(("model.weights", f"expected imagenet, none, auto or a path to a "
                              f".weights.h5 file, got {weights!r}. Fix: e.g. model.weights: imagenet"))
@@ -457,6 +488,13 @@ def _check(config: Config, check_paths: bool) -> list[tuple[str, str]]:
         if kind == "top_blocks" and spec is not None and not 1 <= int(argument) <= spec.num_blocks:
             problems.append((f"{key}.trainable", f"{spec.name} has {spec.num_blocks} blocks, got "
                              f"top_blocks:{argument}. Fix: use 1 to {spec.num_blocks}, or all"))
+        if kind in ("top_blocks", "from_layer") and source == "hub":
+            problems.append((f"{key}.trainable", f"a hub: backbone is one layer to Keras, without "
+                             f"blocks, got {stage.trainable}. Fix: use trainable: head or all"))
+        if stage.backbone_lr_multiplier != 1.0 and kind == "head":
+            problems.append((f"{key}.backbone_lr_multiplier", f"this stage trains only the head "
+                             f"(trainable: head), so the backbone's rate does not apply. Fix: remove "
+                             f"it, or unfreeze part of the backbone (trainable: all, top_blocks:N)"))
         if stage.cache_features == "true" and kind != "head":
             problems.append((f"{key}.cache_features", f"features can be cached only while the "
                              f"backbone is frozen (trainable: head), got trainable: {stage.trainable}. "
@@ -469,3 +507,39 @@ def _check(config: Config, check_paths: bool) -> list[tuple[str, str]]:
                              f"stage's {stage.epochs} epochs, got {stage.warmup_epochs}. Fix: "
                              f"lower warmup_epochs or raise epochs"))
     return problems
+
+
+def _check_backbone_source(config: Config, source: str, value: str, check_paths: bool) -> list[tuple[str, str]]:
+    """Checks a hub:, run: or keras: backbone as far as can be done without TensorFlow."""
+    key = "model.backbone"
+    if not value:
+        example = {"hub": "hub:https://tfhub.dev/...", "run": "run:runs/step1", "keras": "keras:model.keras"}
+        return [(key, f"{source}: needs a value after the colon. Fix: e.g. {example[source]}")]
+    if source == "keras" and not value.endswith(".keras"):
+        return [(key, f"keras: takes a .keras file saved by tfsft, got {value!r}. Fix: e.g. "
+                      f"keras:runs/step1/model.keras")]
+    if not check_paths:
+        return []
+    if source == "run":
+        model_file = os.path.join(value, "model.keras")
+        if not os.path.isfile(model_file):
+            return [(key, f"run:{value}: no finished tfsft run there ({model_file} not found). Fix: "
+                          f"point at the run directory of a finished tfsft fit")]
+        if config.data.image_size is None:  # the size that run was trained at
+            config.data.image_size = _run_image_size(value)
+    elif source == "keras" and not os.path.isfile(value):
+        return [(key, f"keras:{value}: file not found. Fix: check the path (relative paths start "
+                      f"at the current directory)")]
+    elif source == "hub" and "://" not in value and not os.path.isdir(value):
+        return [(key, f"hub:{value}: no such folder. Fix: point at a local SavedModel folder, or "
+                      f"use a tfhub.dev or Kaggle Models URL")]
+    return []
+
+
+def _run_image_size(run_dir: str) -> Optional[list[int]]:
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as handle:
+            size = yaml.safe_load(handle)["data"]["image_size"]
+        return [int(size[0]), int(size[1])]
+    except (OSError, KeyError, TypeError, ValueError, IndexError, yaml.YAMLError):
+        return None  # model.resolve_backbone reads it from the model instead

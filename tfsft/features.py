@@ -23,13 +23,11 @@ import keras
 
 from tfsft import data as data_module
 from tfsft.data import Data
-from tfsft.model import HEAD_LAYER
+from tfsft.model import DROPOUT_LAYER, HEAD_LAYER
 
 # Features larger than this are memory-mapped from the run directory instead of held in memory.
 MEMORY_LIMIT_BYTES = 2 * 1024 ** 3
 FOLDER = "feature_cache"
-POOL_LAYER = "pool"
-DROPOUT_LAYER = "dropout"
 
 
 class FeatureCache:
@@ -51,7 +49,7 @@ class FeatureCache:
     def head_model(self) -> keras.Model:
         """Features in, probabilities out, through the classifier's own dropout and Dense layers."""
         if self._head is None:
-            width = self.model.get_layer(POOL_LAYER).output.shape[-1]
+            width = self.model.get_layer(DROPOUT_LAYER).input.shape[-1]
             features = keras.Input(shape=(width,), name="features")
             outputs = self.model.get_layer(HEAD_LAYER)(self.model.get_layer(DROPOUT_LAYER)(features))
             self._head = keras.Model(features, outputs, name="cached_head")
@@ -91,7 +89,8 @@ class FeatureCache:
         if cached is not None:
             return cached
         source = self.data.train if split == "train" else self.data.val
-        extractor = keras.Model(self.model.input, self.model.get_layer(POOL_LAYER).output)
+        # The pooled features: what the dropout before the head receives.
+        extractor = keras.Model(self.model.input, self.model.get_layer(DROPOUT_LAYER).input)
         width = extractor.output.shape[-1]
         size = len(source) * width * 4
         if size > MEMORY_LIMIT_BYTES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -16,17 +17,18 @@ SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 
 def make_shapes(root: str, *, images_per_class: int = 100, image_size: int = 64,
-                num_classes: int = 3, seed: int = 0) -> list[str]:
-    """Writes ``root/<shape>/...`` and returns the class names.
+                num_classes: int = 3, seed: int = 0, shapes: Optional[Sequence[str]] = None) -> list[str]:
+    """Writes ``root/<shape>/...`` and returns the class names: the first ``num_classes`` of
+    ``SHAPES``, or the given ``shapes``.
 
     The same arguments always give byte-identical files.
     """
     from PIL import Image, ImageDraw
 
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be 2 to {len(SHAPES)}, got {num_classes}")
+    names = list(shapes) if shapes is not None else list(SHAPES[:num_classes])
+    if not 2 <= len(names) <= len(SHAPES) or not set(names) <= set(SHAPES):
+        raise ValueError(f"expected 2 to {len(SHAPES)} classes from {', '.join(SHAPES)}, got {names}")
     rng = np.random.default_rng(seed)
-    names = list(SHAPES[:num_classes])
     for name in names:
         for index in range(images_per_class):
             background = rng.integers(0, 256, size=3)

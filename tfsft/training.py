@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from tfsft.tfimport import tf  # noqa: F401  (imports TensorFlow quietly, before Keras)
 import keras
@@ -24,10 +24,10 @@ from tfsft import config as config_module
 from tfsft import data as data_module
 from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
-from tfsft.errors import RunDirError, TfsftError
+from tfsft.errors import ModelError, RunDirError, TfsftError
 from tfsft.features import FOLDER as FEATURE_FOLDER
 from tfsft.features import FeatureCache
-from tfsft.model import BACKBONE_LAYER, build_classifier, set_trainable
+from tfsft.model import BACKBONE_LAYER, build_classifier, resolve_backbone, set_trainable
 
 Log = Callable[[str], None]
 
@@ -53,6 +53,7 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         log: where progress lines go.
     """
     started = time.time()
+    resolve_backbone(config)  # before anything is written: a bad Hub handle fails here
     run = runs.RunDir.prepare(config.run.dir, restart)
     checkpoints = run.checkpoints()
     if checkpoints:
@@ -78,6 +79,11 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         log(f"warning: ImageNet weights for {config.model.backbone} cannot be loaded "
             f"({weights_used.split('unavailable: ')[-1][:-1]}); training from random initialisation "
             f"(weights: auto). Results will be far below a pretrained start.")
+    for index, stage in enumerate(config.stages):  # every stage's setting, before any training
+        try:
+            set_trainable(model, stage.trainable, stage.batchnorm)
+        except ModelError as error:
+            raise ModelError(f"stages.{index} ({stage.name}): {error}") from None
     log(f"model: {config.model.backbone} at {config.image_size[0]}x{config.image_size[1]}, "
         f"weights: {weights_used.split(' (')[0]}, {model.count_params():,} parameters")
 
@@ -91,7 +97,7 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
 
     def prepare_stage(index: int) -> StageSetup:
         stage = config.stages[index]
-        set_trainable(model, config.model.backbone, stage.trainable, stage.batchnorm)
+        set_trainable(model, stage.trainable, stage.batchnorm)
         if uses_feature_cache(stage, config.data.augment):
             setup = StageSetup(cache.head_model(), cache.train_dataset(), cache.val_dataset(), cached=True)
         else:
@@ -155,7 +161,9 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     cache.invalidate()
 
     model_path = run.temporary_path(runs.MODEL)
-    model.save(model_path)
+    # Saved uncompiled (the same layers, without the last stage's optimizer): the file holds what
+    # inference and later stages need, not the optimizer's state (twice the weights, for Adam).
+    keras.Model(model.inputs, model.outputs, name=model.name).save(model_path)
     os.replace(model_path, run.path(runs.MODEL))
 
     evaluation_started = time.time()
@@ -211,8 +219,10 @@ def raise_for_undecodable(data: data_module.Data, history: list[dict[str, Any]])
 
 def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: int, num_classes: int) -> None:
     """Compiles with a fresh optimizer for the stage, built so its state exists before any step."""
+    backbone = next((layer for layer in target.layers if layer.name == BACKBONE_LAYER), None)
     target.compile(
-        optimizer=make_optimizer(stage, steps_per_epoch),
+        optimizer=make_optimizer(stage, steps_per_epoch,
+                                 backbone.trainable_variables if backbone is not None else ()),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
         metrics=make_metrics(num_classes),
     )
@@ -301,8 +311,10 @@ def export_after_fit(config: Config, run_dir: str, log: Log) -> None:
             log(f"warning: {warning}")
 
 
-def make_optimizer(stage: StageConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """A fresh optimizer for one stage, with its learning-rate schedule."""
+def make_optimizer(stage: StageConfig, steps_per_epoch: int,
+                   backbone_variables: Sequence[Any] = ()) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for one stage, with its learning-rate schedule; ``backbone_variables``
+    learn at ``backbone_lr_multiplier`` times the rate when the stage sets one."""
     learning_rate: Any = stage.learning_rate
     if stage.schedule == "cosine":
         total = stage.epochs * steps_per_epoch
@@ -315,10 +327,65 @@ def make_optimizer(stage: StageConfig, steps_per_epoch: int) -> keras.optimizers
             learning_rate = keras.optimizers.schedules.CosineDecay(stage.learning_rate, decay_steps=total)
     if stage.optimizer == "adamw":
         weight_decay = 0.01 if stage.weight_decay is None else stage.weight_decay
-        return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    if stage.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=stage.momentum, weight_decay=stage.weight_decay)
-    return keras.optimizers.Adam(learning_rate, weight_decay=stage.weight_decay)
+        optimizer_class, options = keras.optimizers.AdamW, {"weight_decay": weight_decay}
+    elif stage.optimizer == "sgd":
+        optimizer_class = keras.optimizers.SGD
+        options = {"momentum": stage.momentum, "weight_decay": stage.weight_decay}
+    else:
+        optimizer_class, options = keras.optimizers.Adam, {"weight_decay": stage.weight_decay}
+    if stage.backbone_lr_multiplier != 1.0:
+        return _discriminative(optimizer_class)(
+            learning_rate, backbone_variables=backbone_variables,
+            multiplier=stage.backbone_lr_multiplier, **options)
+    return optimizer_class(learning_rate, **options)
+
+
+_DISCRIMINATIVE: dict[type, type] = {}
+
+
+def _discriminative(optimizer_class: type) -> type:
+    """``optimizer_class`` with a second learning rate for the backbone's variables.
+
+    Keras 3 optimizers take one rate; this subclass scales it per variable in ``update_step``
+    (every Keras optimizer's per-variable update) and in the decoupled weight decay, so Adam's
+    and AdamW's steps, not only their gradients, are smaller for the backbone. The optimizer's
+    variables are the base class's: checkpoints and resuming are unchanged.
+    """
+    if optimizer_class not in _DISCRIMINATIVE:
+        class Discriminative(optimizer_class):
+            def __init__(self, *args, backbone_variables=(), multiplier=1.0, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._backbone_variables = list(backbone_variables)
+                self._multiplier = float(multiplier)
+                self._scales: list[float] = []
+                self._rate_scale = 1.0
+
+            def build(self, variables):
+                super().build(variables)
+                backbone = {self._var_key(variable) for variable in self._backbone_variables}
+                self._scales = [self._multiplier if self._var_key(variable) in backbone else 1.0
+                                for variable in variables]
+
+            def update_step(self, gradient, variable, learning_rate):
+                scale = self._scales[self._get_variable_index(variable)]
+                return super().update_step(gradient, variable, learning_rate * scale)
+
+            def _get_current_learning_rate(self):
+                # Read by the weight decay below; 1.0 everywhere else.
+                return super()._get_current_learning_rate() * self._rate_scale
+
+            def _apply_weight_decay(self, variables):
+                backbone = [self._scales[self._get_variable_index(v)] != 1.0 for v in variables]
+                super()._apply_weight_decay([v for v, scaled in zip(variables, backbone) if not scaled])
+                self._rate_scale = self._multiplier
+                try:
+                    super()._apply_weight_decay([v for v, scaled in zip(variables, backbone) if scaled])
+                finally:
+                    self._rate_scale = 1.0
+
+        Discriminative.__name__ = Discriminative.__qualname__ = f"Discriminative{optimizer_class.__name__}"
+        _DISCRIMINATIVE[optimizer_class] = Discriminative
+    return _DISCRIMINATIVE[optimizer_class]
 
 
 def make_metrics(num_classes: int) -> list[keras.metrics.Metric]:
