@@ -65,6 +65,9 @@ def fit(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resta
 
     result = run_fit(config, restart=restart, log=lambda line: click.echo(line))
     metrics = result.metrics
+    if not metrics:  # a worker other than the chief of a multi-worker run
+        click.echo("\nthis worker is done; the chief wrote the run directory")
+        return
     top5 = f", top-5 {metrics['val_top5_accuracy']:.3f}" if "val_top5_accuracy" in metrics else ""
     click.echo(f"\nvalidation accuracy {metrics['val_accuracy']:.3f}{top5} on "
                f"{metrics['val_num_images']} images")

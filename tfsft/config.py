@@ -187,6 +187,25 @@ class RunConfig(_Section):
         examples=[0])
 
 
+class DistributeConfig(_Section):
+    """Where training runs: devices and machines, numeric precision, XLA."""
+
+    strategy: Literal["auto", "default", "mirrored", "multi_worker", "tpu"] = Field(
+        "auto", description="auto: multi_worker when TF_CONFIG or SLURM names several workers, "
+        "tpu when one is present, mirrored with several GPUs, else default", examples=["auto"])
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "auto", description="auto: mixed_float16 on GPUs of compute capability 7.0+, "
+        "mixed_bfloat16 on TPU, float32 on CPU", examples=["auto"])
+    jit_compile: Literal["auto", "true", "false"] = Field(
+        "auto", description="XLA, passed to compile explicitly (auto: on for GPU and TPU)",
+        examples=["auto"])
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
+
+
 class ExportConfig(_Section):
     """What fit exports when training ends (nothing unless asked)."""
 
@@ -226,6 +245,7 @@ class Config(_Section):
         min_length=1, description="training stages, run in order",
         examples=["[{name: head, epochs: 5, learning_rate: 0.001}]"])
     run: RunConfig = Field(default_factory=RunConfig)
+    distribute: DistributeConfig = Field(default_factory=DistributeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tflite: TfliteConfig = Field(default_factory=TfliteConfig)
 

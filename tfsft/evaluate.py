@@ -18,9 +18,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def predict(model: "keras.Model", dataset: "tf.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
     """Runs ``model`` over a dataset of (images, one-hot labels); returns (true labels, probabilities)."""
+    from tfsft.tfimport import tf
+
+    # A compiled call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy.
+    infer = tf.function(lambda images: model(images, training=False))
     true, probabilities = [], []
     for images, labels in dataset:
-        probabilities.append(np.asarray(model.predict_on_batch(images), dtype=np.float64))
+        probabilities.append(np.asarray(infer(images), dtype=np.float64))
         true.append(np.argmax(labels.numpy(), axis=-1))
     return np.concatenate(true), np.concatenate(probabilities)
 

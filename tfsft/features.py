@@ -91,6 +91,8 @@ class FeatureCache:
         source = self.data.train if split == "train" else self.data.val
         # The pooled features: what the dropout before the head receives.
         extractor = keras.Model(self.model.input, self.model.get_layer(DROPOUT_LAYER).input)
+        # A compiled call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy.
+        extract = tf.function(lambda images: extractor(images, training=False))
         width = extractor.output.shape[-1]
         size = len(source) * width * 4
         if size > MEMORY_LIMIT_BYTES:
@@ -103,7 +105,7 @@ class FeatureCache:
                                         self.batch_size, training=False)
         row = 0
         for images, _ in pipeline:
-            batch = np.asarray(extractor.predict_on_batch(images), dtype=np.float32)
+            batch = np.asarray(extract(images), dtype=np.float32)
             features[row:row + len(batch)] = batch
             row += len(batch)
         if row != len(source):

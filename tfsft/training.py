@@ -10,18 +10,23 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
 
 from tfsft.tfimport import tf  # noqa: F401  (imports TensorFlow quietly, before Keras)
 import keras
 
 from tfsft import config as config_module
 from tfsft import data as data_module
+from tfsft import distribute
 from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
 from tfsft.errors import ModelError, RunDirError, TfsftError
@@ -53,12 +58,34 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         log: where progress lines go.
     """
     started = time.time()
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
+    distribution = distribute.setup(config.distribute, log)
     resolve_backbone(config)  # before anything is written: a bad Hub handle fails here
-    run = runs.RunDir.prepare(config.run.dir, restart)
+    if not distribution.is_chief:
+        worker_dir = tempfile.mkdtemp(prefix="tfsft-worker-")
+        try:
+            return _fit(config, distribution, worker_run_dir(config.run.dir, worker_dir), restart, log, started)
+        finally:
+            shutil.rmtree(worker_dir, ignore_errors=True)
+    return _fit(config, distribution, config.run.dir, restart, log, started)
+
+
+def worker_run_dir(run_dir: str, worker_dir: str) -> str:
+    """A non-chief worker writes to a temporary copy of the run directory: the chief's
+    checkpoints, when the run directory is on storage every worker reads (to resume in step)."""
+    copy = os.path.join(worker_dir, "run")
+    if os.path.isdir(run_dir):
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(runs.LOGS))
+    return copy
+
+
+def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, restart: bool,
+         log: Log, started: float) -> RunResult:
+    run = runs.RunDir.prepare(run_dir, restart)
     checkpoints = run.checkpoints()
     if checkpoints:
         check_resumable(config, run)
-    if config.export.name:
+    if config.export.name and distribution.is_chief:
         runs.check_writable(os.path.join(config.export.base, config.export.name), "export folder",
                             "change export.base or fix its permissions")
     run.write_text(runs.CONFIG, config_module.dump(config))
@@ -74,7 +101,8 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         f"{len(class_names)} classes")
 
     keras.utils.set_random_seed(config.run.seed)
-    model, weights_used = build_classifier(config.model, len(class_names), config.image_size)
+    with distribution.strategy.scope():
+        model, weights_used = build_classifier(config.model, len(class_names), config.image_size)
     if weights_used.startswith("none (random initialisation:"):
         log(f"warning: ImageNet weights for {config.model.backbone} cannot be loaded "
             f"({weights_used.split('unavailable: ')[-1][:-1]}); training from random initialisation "
@@ -104,13 +132,16 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
             if stage.trainable != "head":
                 cache.invalidate()  # this stage changes the backbone
             setup = StageSetup(model, train_data, val_data, cached=False)
-        compile_for_stage(setup.model, stage, steps, len(class_names))
+        with distribution.strategy.scope():
+            compile_for_stage(setup.model, stage, steps, len(class_names), distribution.jit_compile)
         return setup
 
     history: list[dict[str, Any]] = []
     try:
         resumed, setup = resume(run, checkpoints, model, prepare_stage, log) if checkpoints else (None, None)
         point = resumed or runs.Checkpoint("start", 0, 0, 0, [], has_optimizer=False)
+        if distribution.kind == "multi_worker":
+            check_workers_agree(distribution, point.epoch)
         history = list(point.history)
         run.write_csv(runs.HISTORY, history)
         epoch = point.epoch
@@ -135,15 +166,20 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
                     guard,
                     EpochEnd(run, model, stage, index, stage_start, history, guard,
                              log=None if interactive else log),
-                    keras.callbacks.TensorBoard(run.path(runs.LOGS)),
                 ]
+                if distribution.kind != "multi_worker":  # it needs fit's train function
+                    callbacks.append(keras.callbacks.TensorBoard(run.path(runs.LOGS)))
                 if stage.early_stopping is not None:
                     callbacks.append(keras.callbacks.EarlyStopping(
                         monitor=stage.early_stopping.monitor, patience=stage.early_stopping.patience,
                         min_delta=stage.early_stopping.min_delta, restore_best_weights=True))
                 class_weight = (data_module.class_weights(data.train.labels, len(class_names))
                                 if stage.class_weight == "balanced" else None)
-                if epoch < stage_start + stage.epochs:
+                if epoch < stage_start + stage.epochs and distribution.kind == "multi_worker":
+                    fit_across_workers(setup, distribution, epoch, stage_start + stage.epochs,
+                                       math.ceil(len(data.train) / batch_size), callbacks, class_weight,
+                                       history)
+                elif epoch < stage_start + stage.epochs:
                     setup.model.fit(setup.train, validation_data=setup.val, initial_epoch=epoch,
                                     epochs=stage_start + stage.epochs, class_weight=class_weight,
                                     callbacks=callbacks, verbose=1 if interactive else 0)
@@ -160,10 +196,15 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         raise
     cache.invalidate()
 
+    if distribution.kind == "multi_worker":  # equal on every worker when they trained in step
+        log(f"{distribution.task}: final weights fingerprint {weights_fingerprint(model)}")
+    if not distribution.is_chief:  # the chief evaluates, saves and exports
+        return RunResult(run.root, {})
     model_path = run.temporary_path(runs.MODEL)
-    # Saved uncompiled (the same layers, without the last stage's optimizer): the file holds what
-    # inference and later stages need, not the optimizer's state (twice the weights, for Adam).
-    keras.Model(model.inputs, model.outputs, name=model.name).save(model_path)
+    # Saved uncompiled and in float32 (the same layers and weights, without the last stage's
+    # optimizer, whose state is twice the weights for Adam, and without a mixed-precision policy).
+    model = distribute.float32_copy(model)
+    model.save(model_path)
     os.replace(model_path, run.path(runs.MODEL))
 
     evaluation_started = time.time()
@@ -217,16 +258,63 @@ def raise_for_undecodable(data: data_module.Data, history: list[dict[str, Any]])
                               f"to resume")
 
 
-def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: int, num_classes: int) -> None:
-    """Compiles with a fresh optimizer for the stage, built so its state exists before any step."""
+def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: int, num_classes: int,
+                      jit_compile: bool = False) -> None:
+    """Compiles with a fresh optimizer for the stage, built so its state exists before any step.
+    ``jit_compile`` is passed explicitly: Keras' ``auto`` turns XLA off under any strategy."""
     backbone = next((layer for layer in target.layers if layer.name == BACKBONE_LAYER), None)
     target.compile(
         optimizer=make_optimizer(stage, steps_per_epoch,
                                  backbone.trainable_variables if backbone is not None else ()),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
         metrics=make_metrics(num_classes),
+        jit_compile=jit_compile,
     )
     target.optimizer.build(target.trainable_variables)
+
+
+def fit_across_workers(setup: "StageSetup", distribution: distribute.Distribution, initial_epoch: int,
+                       epochs: int, steps_per_epoch: int, callbacks: list, class_weight,
+                       history: list[dict[str, Any]]) -> None:
+    """One stage under MultiWorkerMirroredStrategy (``tfsft.loop``); a worker that stops or
+    cannot be reached ends every other worker with one line instead of a hang."""
+    from tfsft.loop import fit_distributed
+
+    try:
+        fit_distributed(setup.model, distribution.strategy, setup.train, setup.val,
+                        initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        callbacks=callbacks, class_weight=class_weight)
+    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError) as error:
+        kept = f"epoch {history[-1]['epoch']}" if history else "the start of the run"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise TrainingStopped(f"{distribution.task}: another worker of the cluster stopped or cannot "
+                              f"be reached ({reason}); the chief's run is saved up to {kept}. Fix: see "
+                              f"that worker's output, then start every worker again with the same "
+                              f"command to resume") from None
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of every weight's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_workers_agree(distribution: distribute.Distribution, epoch: int) -> None:
+    """Every worker must start from the same checkpoint: compared across workers (a collective)
+    before training, so a worker that cannot read the chief's run directory stops all of them."""
+    strategy = distribution.strategy
+    values = strategy.run(lambda: tf.constant([1.0, float(epoch), float(epoch) ** 2]))
+    count, total, squares = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
+    if abs(count * squares - total ** 2) > 0.5:  # equal epochs on every replica, else not
+        raise RunDirError(f"{distribution.task}: the workers would resume from different epochs (this "
+                          f"one from epoch {epoch}); the run directory must be on storage every "
+                          f"worker reads (a shared file system, GCS). Fix: point run.dir there, or "
+                          f"pass --restart on every worker")
 
 
 def uses_feature_cache(stage: StageConfig, augment) -> bool:
@@ -263,7 +351,7 @@ def resume(run: runs.RunDir, checkpoints: list[runs.Checkpoint], model: keras.Mo
 
 
 # Keys a resumed run may change: a lower learning rate after a NaN, more epochs.
-_RESUMABLE_CHANGES = re.compile(r"^stages\.\d+\.(learning_rate|epochs)$")
+_RESUMABLE_CHANGES = re.compile(r"^(stages\.\d+\.(learning_rate|epochs)|distribute\.(strategy|jit_compile))$")
 
 
 def check_resumable(config: Config, run: runs.RunDir) -> None:
