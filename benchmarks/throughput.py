@@ -2,15 +2,19 @@
 
     python benchmarks/throughput.py [--images 128] [--image-size 128] [--batch-size 16]
                                     [--backbone resnet50] [--head-epochs 10] [--finetune-epochs 2]
+                                    [--precision]
 
 It writes JPEG images (the sample shapes) to a temporary folder and times, on this machine:
 
 - the in-memory ceiling: Keras ``fit`` on the same images already decoded and resized, held in
   memory as tensors behind tf.data (head stage, then full fine-tuning), the same model, batch and
-  resolution;
+  resolution, in float32 like the tfsft rows; each is the best of two measurements, one before and
+  one after the tfsft rows compared with it;
 - ``tfsft fit`` on the folder: a head stage with the feature cache off, the same head stage with
-  the cache on, and a full fine-tuning stage;
-- one forward pass of the backbone over the data, the unit the feature-cache target is set in.
+  the cache on, and a full fine-tuning stage, reading the files every epoch and with
+  ``data.cache: memory``;
+- one forward pass of the backbone over the data, the unit the feature-cache target is set in;
+- with ``--precision``: the in-memory head and fine-tune stages in float32 and mixed_bfloat16.
 
 Images per second are computed from steady-state epochs (the first epoch of each stage, which
 includes tracing, is left out). tfsft's epochs include what a real run does every epoch: a small
@@ -59,11 +63,14 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def in_memory(config, images: np.ndarray, labels: np.ndarray, trainable: str, epochs: int) -> float:
+def in_memory(config, images: np.ndarray, labels: np.ndarray, trainable: str, epochs: int,
+              precision: str = "float32") -> float:
+    keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model, _ = build_classifier(config.model, 3, config.image_size)
+    keras.mixed_precision.set_global_policy("float32")
     stage = config_module.StageConfig(epochs=epochs, learning_rate=1e-4, trainable=trainable)
-    set_trainable(model, config.model.backbone, trainable, "frozen")
+    set_trainable(model, trainable, "frozen")
     compile_for_stage(model, stage, len(images) // config.data.batch_size, 3)
     timer = EpochTimer()
     # In-memory tensors through tf.data: the fastest feed Keras has (faster than fit on numpy).
@@ -73,9 +80,10 @@ def in_memory(config, images: np.ndarray, labels: np.ndarray, trainable: str, ep
     return steady_rate(timer.seconds, len(images))
 
 
-def tfsft_stage(recipe: str, folder: str, run_dir: str, stage: str, train_images: int) -> tuple[float, float]:
+def tfsft_stage(recipe: str, folder: str, run_dir: str, stage: str, train_images: int,
+                overrides: tuple[str, ...] = ()) -> tuple[float, float]:
     """Runs tfsft fit with one stage; returns (steady images/s, whole stage seconds)."""
-    config = config_module.load(recipe, [f"stages=[{stage}]", f"run.dir={run_dir}"])
+    config = config_module.load(recipe, [f"stages=[{stage}]", f"run.dir={run_dir}", *overrides])
     result = fit(config, restart=True, log=lambda line: None)
     with open(os.path.join(run_dir, "history.csv")) as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
@@ -90,6 +98,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--precision", action="store_true",
+                        help="also time the in-memory stages in mixed_bfloat16 against float32")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="tfsft-bench-")
@@ -98,8 +108,10 @@ def main() -> None:
     recipe = os.path.join(work, "recipe.yaml")
     with open(recipe, "w") as handle:
         # val_split is as small as allowed so nearly every image trains; validation is not timed.
+        # float32 like the in-memory ceiling (precision is compared separately, --precision).
         handle.write(f"data: {{train: {folder}, image_size: {args.image_size}, batch_size: {args.batch_size}, "
-                     f"val_split: 0.05}}\nmodel: {{backbone: {args.backbone}, weights: none}}\n")
+                     f"val_split: 0.05}}\nmodel: {{backbone: {args.backbone}, weights: none}}\n"
+                     f"distribute: {{precision: float32}}\n")
     config = config_module.load(recipe)
     built = data_module.build(config.data, 0)
     train_images = len(built.train)
@@ -111,7 +123,7 @@ def main() -> None:
     # One forward pass of the frozen backbone over the training images (after a warm-up batch).
     keras.utils.set_random_seed(0)
     model, _ = build_classifier(config.model, 3, config.image_size)
-    extractor = keras.Model(model.input, model.get_layer("pool").output)
+    extractor = keras.Model(model.input, model.get_layer("dropout").input)
     extractor.predict_on_batch(images[: args.batch_size])
     started = time.perf_counter()
     for start in range(0, len(images), args.batch_size):
@@ -121,18 +133,26 @@ def main() -> None:
     head = f"{{name: head, epochs: {args.head_epochs}, learning_rate: 1.0e-3, trainable: head, cache_features: CACHE}}"
     finetune = f"{{name: finetune, epochs: {args.finetune_epochs}, learning_rate: 1.0e-4, trainable: all}}"
     rows = []
+    # Each ceiling is the best of two measurements, one before and one after the tfsft rows it
+    # is compared with: rates on these CPUs climb over the first runs of a process (warm-up).
     ceiling_head = in_memory(config, images, labels, "head", args.head_epochs)
     plain_rate, plain_seconds = tfsft_stage(recipe, folder, os.path.join(work, "plain"),
                                             head.replace("CACHE", "false"), train_images)
     cached_rate, cached_seconds = tfsft_stage(recipe, folder, os.path.join(work, "cached"),
                                               head.replace("CACHE", "true"), train_images)
+    ceiling_head = max(ceiling_head, in_memory(config, images, labels, "head", args.head_epochs))
     ceiling_finetune = in_memory(config, images, labels, "all", args.finetune_epochs)
     finetune_rate, _ = tfsft_stage(recipe, folder, os.path.join(work, "finetune"), finetune, train_images)
+    finetune_cached_rate, _ = tfsft_stage(recipe, folder, os.path.join(work, "finetune_cached"), finetune,
+                                          train_images, ("data.cache=memory",))
+    ceiling_finetune = max(ceiling_finetune, in_memory(config, images, labels, "all", args.finetune_epochs))
     rows.append(("head, in-memory ceiling", ceiling_head, 1.0))
     rows.append(("head, tfsft from JPEG folder, cache off", plain_rate, plain_rate / ceiling_head))
     rows.append(("head, tfsft from JPEG folder, cache on", cached_rate, cached_rate / ceiling_head))
     rows.append(("fine-tune all, in-memory ceiling", ceiling_finetune, 1.0))
     rows.append(("fine-tune all, tfsft from JPEG folder", finetune_rate, finetune_rate / ceiling_finetune))
+    rows.append(("fine-tune all, tfsft, data.cache: memory", finetune_cached_rate,
+                 finetune_cached_rate / ceiling_finetune))
 
     print(f"\n{args.backbone} at {args.image_size} px, batch {args.batch_size}, {train_images} training "
           f"images, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, Keras {keras.__version__}")
@@ -144,6 +164,13 @@ def main() -> None:
           f"= {cached_seconds / forward_pass:.2f}x one forward pass")
     print(f"{args.head_epochs}-epoch head stage, cache off:                       {plain_seconds:.2f} s "
           f"= {plain_seconds / forward_pass:.2f}x one forward pass")
+    if args.precision:
+        print(f"\n{'in-memory stage':<44}{'float32':>10}{'bfloat16':>10}{'ratio':>8}")
+        for name, trainable, epochs in (("head (frozen backbone)", "head", args.head_epochs),
+                                        ("fine-tune all", "all", args.finetune_epochs)):
+            f32 = in_memory(config, images, labels, trainable, epochs, "float32")
+            bf16 = in_memory(config, images, labels, trainable, epochs, "mixed_bfloat16")
+            print(f"{name:<44}{f32:>10.1f}{bf16:>10.1f}{bf16 / f32:>7.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak:.0f} MB")
 

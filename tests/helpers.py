@@ -14,7 +14,7 @@ def write_config(path, text: str) -> str:
 
 
 def tiny_recipe(train: str, run_dir: str, stages: str | None = None, extra: str = "") -> str:
-    """A recipe that trains in seconds: mobilenet_v3_small at 32 px, random init.
+    """A recipe that trains in seconds: mobilenet_v3_small at 32 px, random init, float32.
 
     ``stages`` is YAML list items (``- {...}``), one per line, indented any way.
     """
@@ -25,7 +25,9 @@ def tiny_recipe(train: str, run_dir: str, stages: str | None = None, extra: str 
     return (f"data:\n  train: {train}\n  image_size: [32, 32]\n  batch_size: 8\n"
             f"model:\n  backbone: mobilenet_v3_small\n  weights: none\n"
             f"stages:\n{stage_lines}\n"
-            f"run:\n  dir: {run_dir}\n  seed: 0\n") + textwrap.dedent(extra)
+            f"run:\n  dir: {run_dir}\n  seed: 0\n"
+            # float32 whatever the CPU: the tests compare weights and outputs closely.
+            f"distribute:\n  precision: float32\n") + textwrap.dedent(extra)
 
 
 def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.CompletedProcess:

@@ -21,9 +21,9 @@ STAGES = """
 
 
 def recipe(tmp_path, shapes_dir, name, strategy):
-    text = tiny_recipe(shapes_dir, str(tmp_path / name), stages=STAGES,
-                       extra=f"distribute:\n  strategy: {strategy}\n").replace(
-        "mobilenet_v3_small", "resnet50v2")  # random-init MobileNets give constant outputs
+    text = tiny_recipe(shapes_dir, str(tmp_path / name), stages=STAGES).replace(
+        "mobilenet_v3_small", "resnet50v2").replace(  # random-init MobileNets give constant outputs
+        "distribute:\n", f"distribute:\n  strategy: {strategy}\n")
     return write_config(tmp_path / f"{name}.yaml", text)
 
 
@@ -114,3 +114,49 @@ def test_unknown_strategy_and_multi_worker_without_a_cluster_are_one_line(tmp_pa
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "multi_worker needs a cluster" in lines[0], lines
+
+
+def test_mixed_bfloat16_trains_and_saves_a_float32_model(tmp_path, shapes_dir):
+    from tfsft import config as config_module
+    from tfsft.model import load
+    from tfsft.training import fit
+
+    import keras
+
+    text = open(recipe(tmp_path, shapes_dir, "run", "default")).read().replace(
+        "precision: float32", "precision: mixed_bfloat16")
+    lines = []
+    result = fit(config_module.load(write_config(tmp_path / "bf16.yaml", text)), log=lines.append)
+    assert "precision mixed_bfloat16" in lines[0]
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    losses = [float(row["loss"]) for row in history(result.run_dir)]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses), losses
+    model = load(os.path.join(result.run_dir, "model.keras"))
+    policies = {layer.dtype_policy.name for layer in model.layers + model.get_layer("backbone").layers}
+    assert policies == {"float32"}, policies
+    assert model.get_layer("backbone").weights[0].dtype == "float32"
+
+
+def test_auto_precision_follows_the_hardware(tmp_path, monkeypatch):
+    from tfsft import distribute
+
+    for flags, expected in (("fpu sse avx512f avx512_bf16 amx_tile", "mixed_bfloat16"),
+                            ("fpu sse avx2 avx512f", "float32")):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(distribute, "cpu_has_native_bfloat16",
+                            lambda path=str(cpuinfo), original=distribute.cpu_has_native_bfloat16: original(path))
+        assert distribute.choose_precision("auto", "default") == expected  # no GPU here
+    assert distribute.choose_precision("auto", "tpu") == "mixed_bfloat16"
+    assert distribute.choose_precision("float32", "default") == "float32"
+    assert distribute.choose_jit_compile("auto") is False and distribute.choose_jit_compile("true") is True
+
+
+def test_mixed_float16_without_a_gpu_is_one_line(tmp_path, shapes_dir):
+    text = open(recipe(tmp_path, shapes_dir, "run", "default")).read().replace(
+        "precision: float32", "precision: mixed_float16")
+    result = run_cli("fit", "--config", write_config(tmp_path / "f16.yaml", text))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mixed_float16 needs GPUs" in lines[0], lines
+    assert not os.path.exists(tmp_path / "run")

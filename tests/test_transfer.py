@@ -136,6 +136,8 @@ def test_pretrained_backbones_beat_random_init_on_a_new_task_with_few_labels(tmp
             run:
               dir: {tmp_path / name}
               seed: 0
+            distribute:
+              precision: float32
             """)
         result = run_cli("fit", "--config", recipe)
         assert result.returncode == 0, result.stderr[-3000:]

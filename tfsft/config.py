@@ -61,7 +61,12 @@ class DataConfig(_Section):
         None, description="[height, width] the model resizes images to (one number for a "
         "square); default: the backbone's own size (a Hub module's input size, else 224; a "
         "reused model's training size)", examples=["[224, 224]"])
-    batch_size: StrictInt = Field(32, ge=1, description="images per training step", examples=[32])
+    batch_size: StrictInt = Field(
+        32, ge=1, description="images per training step (the global batch, over all replicas)",
+        examples=[32])
+    cache: Literal["none", "memory", "disk"] = Field(
+        "none", description="keep decoded, resized images after the first epoch: in memory, or "
+        "memory-mapped in the run directory (none: decode every epoch)", examples=["memory"])
     augment: Optional[AugmentConfig] = Field(
         None, description="random augmentation of training images; off when absent",
         examples=["{flip: horizontal, rotation: 0.05, zoom: 0.1}"])

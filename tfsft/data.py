@@ -399,12 +399,19 @@ def pipeline(source: Source, num_classes: int, image_size: tuple[int, int], batc
         lambda image, label: (resize(image, image_size), tf.one_hot(label, num_classes)),
         num_parallel_calls=autotune)
     dataset = dataset.batch(batch_size)
-    if training and augment is not None:
-        augmenter = make_augmenter(augment, seed)
-        if augmenter is not None:
-            dataset = dataset.map(lambda images, labels: (augmenter(images), labels),
-                                  num_parallel_calls=autotune)
+    if training:
+        dataset = augment_batches(dataset, augment, seed)
     return dataset.prefetch(autotune)
+
+
+def augment_batches(dataset: "tf.data.Dataset", augment: Optional["AugmentConfig"], seed: int) -> "tf.data.Dataset":
+    """Applies the configured random augmentation to batches of (images, labels)."""
+    import tensorflow as tf
+
+    augmenter = make_augmenter(augment, seed) if augment is not None else None
+    if augmenter is None:
+        return dataset
+    return dataset.map(lambda images, labels: (augmenter(images), labels), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _to_rgb(image: "tf.Tensor") -> "tf.Tensor":

@@ -31,7 +31,7 @@ from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
 from tfsft.errors import ModelError, RunDirError, TfsftError
 from tfsft.features import FOLDER as FEATURE_FOLDER
-from tfsft.features import FeatureCache
+from tfsft.features import IMAGE_FOLDER, FeatureCache, ImageCache
 from tfsft.model import BACKBONE_LAYER, build_classifier, resolve_backbone, set_trainable
 
 Log = Callable[[str], None]
@@ -58,16 +58,18 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         log: where progress lines go.
     """
     started = time.time()
+    policy = keras.mixed_precision.global_policy()
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
     distribution = distribute.setup(config.distribute, log)
-    resolve_backbone(config)  # before anything is written: a bad Hub handle fails here
-    if not distribution.is_chief:
-        worker_dir = tempfile.mkdtemp(prefix="tfsft-worker-")
-        try:
-            return _fit(config, distribution, worker_run_dir(config.run.dir, worker_dir), restart, log, started)
-        finally:
+    worker_dir = None if distribution.is_chief else tempfile.mkdtemp(prefix="tfsft-worker-")
+    try:
+        resolve_backbone(config)  # before anything is written: a bad Hub handle fails here
+        run_dir = config.run.dir if worker_dir is None else worker_run_dir(config.run.dir, worker_dir)
+        return _fit(config, distribution, run_dir, restart, log, started)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)  # as it was, for whatever runs next
+        if worker_dir is not None:
             shutil.rmtree(worker_dir, ignore_errors=True)
-    return _fit(config, distribution, config.run.dir, restart, log, started)
 
 
 def worker_run_dir(run_dir: str, worker_dir: str) -> str:
@@ -116,12 +118,23 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
         f"weights: {weights_used.split(' (')[0]}, {model.count_params():,} parameters")
 
     image_size, batch_size, seed = config.image_size, config.data.batch_size, config.run.seed
-    train_data = data_module.pipeline(data.train, len(class_names), image_size, batch_size,
-                                      training=True, augment=config.data.augment, seed=seed)
-    val_data = data_module.pipeline(data.val, len(class_names), image_size, batch_size, training=False)
     steps = data_module.steps_per_epoch(data.train, batch_size)
+    images = (ImageCache(data, image_size, batch_size, seed, config.data.augment, config.data.cache,
+                         run.path(IMAGE_FOLDER), log) if config.data.cache != "none" else None)
 
-    cache = FeatureCache(model, data, image_size, batch_size, seed, run.path(FEATURE_FOLDER), log)
+    def train_data():
+        if images is not None:
+            return images.train_dataset()
+        return data_module.pipeline(data.train, len(class_names), image_size, batch_size,
+                                    training=True, augment=config.data.augment, seed=seed)
+
+    def val_data():
+        if images is not None:
+            return images.val_dataset()
+        return data_module.pipeline(data.val, len(class_names), image_size, batch_size, training=False)
+
+    cache = FeatureCache(model, data, image_size, batch_size, seed, run.path(FEATURE_FOLDER), log,
+                         images=images.ordered if images is not None else None)
 
     def prepare_stage(index: int) -> StageSetup:
         stage = config.stages[index]
@@ -131,9 +144,12 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
         else:
             if stage.trainable != "head":
                 cache.invalidate()  # this stage changes the backbone
-            setup = StageSetup(model, train_data, val_data, cached=False)
+            setup = StageSetup(model, train_data(), val_data(), cached=False)
         with distribution.strategy.scope():
-            compile_for_stage(setup.model, stage, steps, len(class_names), distribution.jit_compile)
+            compile_for_stage(setup.model, stage, steps, len(class_names), distribution.jit_compile,
+                              # The head on cached features is tiny: a step costs less than the
+                              # Python call around it, so one call runs many steps.
+                              steps_per_execution=min(steps, 64) if setup.cached else 1)
         return setup
 
     history: list[dict[str, Any]] = []
@@ -208,7 +224,9 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
     os.replace(model_path, run.path(runs.MODEL))
 
     evaluation_started = time.time()
-    true, probabilities = evaluate.predict(model, val_data)
+    true, probabilities = evaluate.predict(model, val_data())
+    if images is not None:
+        images.remove()
     metrics = evaluate.compute_metrics(true, probabilities, class_names)
     metrics = {f"val_{key}" if key in ("loss", "accuracy", "top5_accuracy", "num_images") else key: value
                for key, value in metrics.items()}
@@ -259,7 +277,7 @@ def raise_for_undecodable(data: data_module.Data, history: list[dict[str, Any]])
 
 
 def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: int, num_classes: int,
-                      jit_compile: bool = False) -> None:
+                      jit_compile: bool = False, steps_per_execution: int = 1) -> None:
     """Compiles with a fresh optimizer for the stage, built so its state exists before any step.
     ``jit_compile`` is passed explicitly: Keras' ``auto`` turns XLA off under any strategy."""
     backbone = next((layer for layer in target.layers if layer.name == BACKBONE_LAYER), None)
@@ -269,6 +287,7 @@ def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: 
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
         metrics=make_metrics(num_classes),
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     target.optimizer.build(target.trainable_variables)
 
