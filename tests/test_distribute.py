@@ -106,6 +106,30 @@ def test_two_workers_train_in_step_and_only_the_chief_writes(tmp_path, shapes_di
     assert_losses_close(history(run_dir), history(single_run), 0.15)
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_other_with_one_line(tmp_path, shapes_dir):
+    stages = """
+      - {name: head, epochs: 1, learning_rate: 1.0e-2, trainable: head, cache_features: false}
+      - {name: finetune, epochs: 4, learning_rate: 1.0e-3, trainable: top_blocks:1}"""
+    config_path = write_config(tmp_path / "r.yaml", tiny_recipe(shapes_dir, str(tmp_path / "run"), stages))
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        if index == 1:
+            env["TFSFT_FAULT"] = "checkpoint:2"  # killed while writing its second checkpoint
+        workers.append(subprocess.Popen([sys.executable, "-m", "tfsft", "fit", "--config", config_path],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    chief_out, chief_err = workers[0].communicate(timeout=300)  # no hang
+    workers[1].communicate(timeout=60)
+    assert workers[1].returncode == -9
+    assert workers[0].returncode == 2, chief_err[-3000:]
+    # TensorFlow's own log lines come first; tfsft's line ends it.
+    last = chief_err.strip().splitlines()[-1]
+    assert last.startswith("tfsft: worker 0 of 2: another worker of the cluster stopped"), last
+    assert "start every worker again with the same command to resume" in last
+
+
 def test_unknown_strategy_and_multi_worker_without_a_cluster_are_one_line(tmp_path, shapes_dir):
     result = run_cli("config", "check", recipe(tmp_path, shapes_dir, "run", "mirored"))
     assert result.returncode == 2 and "did you mean 'mirrored'?" in result.stderr

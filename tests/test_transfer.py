@@ -144,14 +144,14 @@ def test_pretrained_backbones_beat_random_init_on_a_new_task_with_few_labels(tmp
         return json.loads((tmp_path / name / "metrics.json").read_text())["val_accuracy"]
 
     pretrain = fit_cli("pretrain", f"hub:{random_module}", "A", augment="  augment: {flip: horizontal_and_vertical, rotation: 0.25}\n            ",
-                       stages="  - {epochs: 40, learning_rate: 3.0e-3, trainable: all, batchnorm: train, schedule: cosine}")
+                       stages="  - {epochs: 30, learning_rate: 3.0e-3, trainable: all, batchnorm: train, schedule: cosine}")
     assert pretrain > 0.6, pretrain
 
     pretrained = load(str(tmp_path / "pretrain" / "model.keras")).get_layer("backbone")
     images = keras.Input((None, None, 3))
     pretrained_module = save_hub_module(keras.Model(images, pretrained(images)), str(tmp_path / "pretrained_module"))
 
-    budget = """  - {name: head, epochs: 30, learning_rate: 1.0e-2, trainable: head}
+    budget = """  - {name: head, epochs: 20, learning_rate: 1.0e-2, trainable: head}
               - {name: finetune, epochs: 4, learning_rate: 1.0e-3, trainable: all, backbone_lr_multiplier: 0.3}"""
     accuracy = {
         "run": fit_cli("from_run", f"run:{tmp_path / 'pretrain'}", "B", budget),
@@ -159,7 +159,7 @@ def test_pretrained_backbones_beat_random_init_on_a_new_task_with_few_labels(tmp
         "random": fit_cli("from_random", f"hub:{random_module}", "B", budget),
     }
     print(accuracy, file=sys.stderr)
-    # Measured: run 0.56-0.59, hub 0.50-0.53, random 0.31 (chance 0.33); the margin leaves room
-    # for run-to-run drift of the CPU kernels.
+    # Measured: run 0.544, hub 0.467, random 0.311 (chance 0.333); the margin leaves room for
+    # run-to-run drift of the CPU kernels (about 0.03).
     assert accuracy["run"] >= accuracy["random"] + 0.1, accuracy
     assert accuracy["hub"] >= accuracy["random"] + 0.1, accuracy

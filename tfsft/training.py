@@ -66,10 +66,23 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
         resolve_backbone(config)  # before anything is written: a bad Hub handle fails here
         run_dir = config.run.dir if worker_dir is None else worker_run_dir(config.run.dir, worker_dir)
         return _fit(config, distribution, run_dir, restart, log, started)
+    except _PEER_ERRORS as error:
+        if distribution.kind != "multi_worker":
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise TrainingStopped(f"{distribution.task}: another worker of the cluster stopped or cannot "
+                              f"be reached ({reason}); the chief's run keeps its last checkpoint. Fix: "
+                              f"see that worker's output, then start every worker again with the "
+                              f"same command to resume") from None
     finally:
         keras.mixed_precision.set_global_policy(policy)  # as it was, for whatever runs next
         if worker_dir is not None:
             shutil.rmtree(worker_dir, ignore_errors=True)
+
+
+# What a collective operation raises when a peer worker is gone.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError,
+                tf.errors.AbortedError)
 
 
 def worker_run_dir(run_dir: str, worker_dir: str) -> str:
@@ -193,8 +206,7 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
                                 if stage.class_weight == "balanced" else None)
                 if epoch < stage_start + stage.epochs and distribution.kind == "multi_worker":
                     fit_across_workers(setup, distribution, epoch, stage_start + stage.epochs,
-                                       math.ceil(len(data.train) / batch_size), callbacks, class_weight,
-                                       history)
+                                       math.ceil(len(data.train) / batch_size), callbacks, class_weight)
                 elif epoch < stage_start + stage.epochs:
                     setup.model.fit(setup.train, validation_data=setup.val, initial_epoch=epoch,
                                     epochs=stage_start + stage.epochs, class_weight=class_weight,
@@ -293,24 +305,15 @@ def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: 
 
 
 def fit_across_workers(setup: "StageSetup", distribution: distribute.Distribution, initial_epoch: int,
-                       epochs: int, steps_per_epoch: int, callbacks: list, class_weight,
-                       history: list[dict[str, Any]]) -> None:
-    """One stage under MultiWorkerMirroredStrategy (``tfsft.loop``); a worker that stops or
-    cannot be reached ends every other worker with one line instead of a hang."""
+                       epochs: int, steps_per_epoch: int, callbacks: list, class_weight) -> None:
+    """One stage under MultiWorkerMirroredStrategy, through ``tfsft.loop``. A worker that stops or
+    cannot be reached makes the collectives of the others fail (TensorFlow's heartbeats), which
+    ``fit`` turns into one line."""
     from tfsft.loop import fit_distributed
 
-    try:
-        fit_distributed(setup.model, distribution.strategy, setup.train, setup.val,
-                        initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        callbacks=callbacks, class_weight=class_weight)
-    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError,
-            tf.errors.AbortedError) as error:
-        kept = f"epoch {history[-1]['epoch']}" if history else "the start of the run"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise TrainingStopped(f"{distribution.task}: another worker of the cluster stopped or cannot "
-                              f"be reached ({reason}); the chief's run is saved up to {kept}. Fix: see "
-                              f"that worker's output, then start every worker again with the same "
-                              f"command to resume") from None
+    fit_distributed(setup.model, distribution.strategy, setup.train, setup.val,
+                    initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    callbacks=callbacks, class_weight=class_weight)
 
 
 def weights_fingerprint(model: keras.Model) -> str:
