@@ -11,6 +11,7 @@ Keras 3's ``model.fit`` fails under MultiWorkerMirroredStrategy (keras-team/kera
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -208,15 +209,12 @@ def _float32_config(value):
     return value
 
 
-class _policy:
+@contextlib.contextmanager
+def _policy(name: str):
     """Sets the global dtype policy inside the block."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.saved = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.name)
-
-    def __exit__(self, *exc):
-        keras.mixed_precision.set_global_policy(self.saved)
+    saved = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved)
