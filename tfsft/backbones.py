@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tfsft.errors import ModelError
+from tfsft.errors import ModelError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -170,7 +170,7 @@ def build_backbone(
             return build("imagenet"), "imagenet"
         except Exception as error:  # Keras raises a bare Exception for a failed download.
             cache_file = os.path.join(keras_cache_dir(), spec.weights_file_for(image_size))
-            reason = _first_line(error)
+            reason = first_line(error)
             if weights == "auto":
                 return build(None), f"none (random initialisation: ImageNet weights unavailable: {reason})"
             raise ModelError(
@@ -183,16 +183,11 @@ def build_backbone(
         backbone.load_weights(weights)
     except Exception as error:
         raise ModelError(
-            f"cannot load weights file {weights} into backbone '{spec.name}' ({_first_line(error)}); "
+            f"cannot load weights file {weights} into backbone '{spec.name}' ({first_line(error)}); "
             f"the file must hold weights saved from the same backbone (no top), e.g. with "
             f"backbone.save_weights('x.weights.h5')"
         ) from None
     return backbone, f"file {weights}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
 
 
 def assign_blocks(backbone: "keras.Model", spec: BackboneSpec) -> list[tuple[str, list]]:

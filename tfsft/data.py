@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from tfsft.errors import DataError
+from tfsft.errors import DataError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -307,7 +307,7 @@ def _tfds_source(name: str, split: str) -> Source:
         label_dataset = builder.as_dataset(split=split, as_supervised=True,
                                            decoders=_skip_image_decoding(builder))
     except Exception as error:  # tfds raises many kinds; all mean the same to the user.
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error, limit=None)
         raise DataError(f"cannot load TFDS dataset {name}:{split} ({message}). Fix: check the "
                         f"name and split (see the TFDS catalog), and TFDS_DATA_DIR when offline") from None
     label_feature = builder.info.features[builder.info.supervised_keys[1]]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from tfsft.tfimport import tf
 import keras
 
-from tfsft.errors import TfsftError
+from tfsft.errors import TfsftError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from tfsft.config import DistributeConfig
@@ -109,7 +109,7 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, tf.errors.OpError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            reason = first_line(error, 200)
             raise DistributeError(f"distribute.strategy: tpu: no TPU could be reached ({reason}). "
                                   f"Fix: set TPU_NAME, run on a TPU VM, or use strategy: auto") from None
         return tf.distribute.TPUStrategy(resolver)

@@ -5,6 +5,15 @@ Anything else that escapes is a bug in tfsft and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Optional
+
+
+def first_line(error: BaseException, limit: Optional[int] = 300) -> str:
+    """The first line of an error's message (its type's name when it has none), cut to ``limit``
+    characters, for the one line tfsft prints about it."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
 
 class TfsftError(Exception):
     """A problem with the user's input (config, data, paths), explained in one line."""

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from tfsft.tfimport import tf
 import keras
 
-from tfsft.errors import ModelError
+from tfsft.errors import ModelError, first_line
 
 PREFIX = "hub:"
 
@@ -46,7 +46,7 @@ def resolve(handle: str) -> str:
         return hub.resolve(handle)
     except Exception as error:  # urllib, HTTP and gfile errors all mean: cannot fetch it
         cache = os.environ.get("TFHUB_CACHE_DIR") or "the default Hub cache (TFHUB_CACHE_DIR unset)"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error, 200)
         raise ModelError(f"cannot fetch Hub module {handle} ({reason}); looked in {cache}. Fix: "
                          f"on a machine that is online, download the module (its page has a "
                          f"download link), unpack it here and set model.backbone: hub:/path/to/"
@@ -66,7 +66,7 @@ def load(handle: str) -> Any:
     try:
         return hub.load(path)
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = first_line(error)
         raise ModelError(f"cannot load Hub module {handle} ({reason})") from None
 
 

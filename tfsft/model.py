@@ -16,7 +16,7 @@ from tfsft.tfimport import tf  # noqa: F401  (imports TensorFlow quietly first)
 import keras
 
 from tfsft import backbones
-from tfsft.errors import ModelError
+from tfsft.errors import ModelError, first_line
 from tfsft.hub import HubBackbone  # registered for loading model.keras files that hold one
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -202,7 +202,7 @@ def load(path: str, trust: bool = False) -> keras.Model:
     try:
         return keras.saving.load_model(path, safe_mode=not trust)
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error, limit=None)
         if not trust and ("safe_mode" in message or "Lambda" in message):
             raise ModelError(f"{path} contains code (a Lambda layer or similar) that loading would run; "
                              f"tfsft refused it. Fix: if you trust where the file came from, pass "

@@ -15,7 +15,7 @@ import numpy as np
 
 from tfsft import data as data_module
 from tfsft import runs
-from tfsft.errors import ModelError
+from tfsft.errors import ModelError, first_line
 
 
 @dataclass
@@ -128,7 +128,7 @@ def predict_files(predictor: Predictor, paths: list[str], top_k: int, note: Call
                 try:
                     row = predictor.probabilities([encoded[index]])[0]
                 except Exception as error:
-                    note(f"skipped {path}: cannot be decoded ({_first_line(error)})")
+                    note(f"skipped {path}: cannot be decoded ({first_line(error, 200)})")
                     continue
             order = np.argsort(-row)[:k]
             if not np.all(np.isfinite(row)):
@@ -136,11 +136,6 @@ def predict_files(predictor: Predictor, paths: list[str], top_k: int, note: Call
                 continue
             yield {"path": path, "labels": [predictor.class_names[i] for i in order],
                    "scores": [round(float(row[i]), 6) for i in order]}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def format_line(result: dict) -> str:
