@@ -22,6 +22,8 @@ import numpy as np
 from tfsft.tfimport import tf
 import keras
 
+from tfsft.evaluate import compute_metrics, predict
+
 
 def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train: tf.data.Dataset,
                     val: tf.data.Dataset, *, initial_epoch: int, epochs: int, steps_per_epoch: int,
@@ -72,19 +74,15 @@ def _build(model: keras.Model, train: tf.data.Dataset) -> None:
 
 
 def evaluate(model: keras.Model, val: tf.data.Dataset) -> dict[str, Any]:
-    """val_loss and val_accuracy (and val_top5_accuracy for more than 5 classes), as ``fit``
-    reports them, computed on this worker over the whole validation set."""
-    predict = tf.function(lambda images: model(images, training=False))
-    losses, correct, top5, count = [], 0, 0, 0
-    for images, labels in val:
-        probabilities = predict(images)
-        losses.append(float(model.loss(labels, probabilities)) * int(labels.shape[0]))
-        truth = np.argmax(labels.numpy(), -1)
-        scores = probabilities.numpy()
-        correct += int((np.argmax(scores, -1) == truth).sum())
-        top5 += int((np.argsort(-scores, -1)[:, :5] == truth[:, None]).any(-1).sum())
-        count += len(truth)
-    logs = {"val_loss": sum(losses) / max(count, 1), "val_accuracy": correct / max(count, 1)}
-    if model.outputs[0].shape[-1] > 5:
-        logs["val_top5_accuracy"] = top5 / max(count, 1)
+    """val_loss (the compiled loss, as ``fit`` reports it) and val_accuracy (and
+    val_top5_accuracy for more than 5 classes), computed on this worker over the whole
+    validation set."""
+    true, probabilities = predict(model, val)
+    num_classes = probabilities.shape[-1]
+    metrics = compute_metrics(true, probabilities, [str(index) for index in range(num_classes)])
+    labels = np.eye(num_classes, dtype=np.float32)[true]
+    logs = {"val_loss": float(model.loss(labels, probabilities.astype(np.float32))),
+            "val_accuracy": metrics["accuracy"]}
+    if "top5_accuracy" in metrics:
+        logs["val_top5_accuracy"] = metrics["top5_accuracy"]
     return logs

@@ -29,9 +29,10 @@ from tfsft import data as data_module
 from tfsft import distribute
 from tfsft import evaluate, runs
 from tfsft.config import Config, StageConfig
-from tfsft.errors import ModelError, RunDirError, TfsftError
+from tfsft.errors import ModelError, RunDirError, TfsftError, first_line
 from tfsft.features import FOLDER as FEATURE_FOLDER
 from tfsft.features import IMAGE_FOLDER, FeatureCache, ImageCache
+from tfsft.loop import fit_distributed
 from tfsft.model import BACKBONE_LAYER, build_classifier, resolve_backbone, set_trainable
 
 Log = Callable[[str], None]
@@ -69,7 +70,7 @@ def fit(config: Config, *, restart: bool = False, log: Log = print) -> RunResult
     except _PEER_ERRORS as error:
         if distribution.kind != "multi_worker":
             raise
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error, 200)
         raise TrainingStopped(f"{distribution.task}: another worker of the cluster stopped or cannot "
                               f"be reached ({reason}); the chief's run keeps its last checkpoint. Fix: "
                               f"see that worker's output, then start every worker again with the "
@@ -205,8 +206,11 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
                 class_weight = (data_module.class_weights(data.train.labels, len(class_names))
                                 if stage.class_weight == "balanced" else None)
                 if epoch < stage_start + stage.epochs and distribution.kind == "multi_worker":
-                    fit_across_workers(setup, distribution, epoch, stage_start + stage.epochs,
-                                       math.ceil(len(data.train) / batch_size), callbacks, class_weight)
+                    # Keras' fit fails under MultiWorkerMirroredStrategy; a worker that stops makes
+                    # the others' collectives fail, which fit() above turns into one line.
+                    fit_distributed(setup.model, distribution.strategy, setup.train, setup.val,
+                                    initial_epoch=epoch, epochs=stage_start + stage.epochs,
+                                    steps_per_epoch=steps, callbacks=callbacks, class_weight=class_weight)
                 elif epoch < stage_start + stage.epochs:
                     setup.model.fit(setup.train, validation_data=setup.val, initial_epoch=epoch,
                                     epochs=stage_start + stage.epochs, class_weight=class_weight,
@@ -304,18 +308,6 @@ def compile_for_stage(target: keras.Model, stage: StageConfig, steps_per_epoch: 
     target.optimizer.build(target.trainable_variables)
 
 
-def fit_across_workers(setup: "StageSetup", distribution: distribute.Distribution, initial_epoch: int,
-                       epochs: int, steps_per_epoch: int, callbacks: list, class_weight) -> None:
-    """One stage under MultiWorkerMirroredStrategy, through ``tfsft.loop``. A worker that stops or
-    cannot be reached makes the collectives of the others fail (TensorFlow's heartbeats), which
-    ``fit`` turns into one line."""
-    from tfsft.loop import fit_distributed
-
-    fit_distributed(setup.model, distribution.strategy, setup.train, setup.val,
-                    initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    callbacks=callbacks, class_weight=class_weight)
-
-
 def weights_fingerprint(model: keras.Model) -> str:
     """A short hash of every weight's bytes."""
     import hashlib
@@ -363,7 +355,7 @@ def resume(run: runs.RunDir, checkpoints: list[runs.Checkpoint], model: keras.Mo
                 setup = prepare_stage(point.stage_index)
                 run.load_optimizer(point, setup.model.optimizer)
         except (OSError, ValueError, KeyError) as error:  # a truncated or foreign file
-            log(f"warning: checkpoint {point.name} is unreadable ({str(error).strip().splitlines()[0][:160]}); "
+            log(f"warning: checkpoint {point.name} is unreadable ({first_line(error, 160)}); "
                 f"falling back to the one before")
             continue
         log(f"resuming {run.root} after epoch {point.epoch} (checkpoint {point.name})")
