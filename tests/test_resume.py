@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers import run_cli, tiny_recipe
@@ -84,18 +85,25 @@ def test_sigkill_mid_stage_then_same_command_resumes_where_it_stopped(recipe, tm
 
 
 def test_kill_in_the_middle_of_writing_a_checkpoint_loses_at_most_that_epoch(recipe, tmp_path):
-    process = start_fit(recipe, env={"TFSFT_FAULT": "checkpoint:4"})  # 4th save: epoch 3's
+    # The head stage runs on cached features: its checkpoints hold the head alone, on top of a
+    # full one written at the stage's start. Saves: stage-01-start, epoch-0001, epoch-0002 (killed).
+    process = start_fit(recipe, env={"TFSFT_FAULT": "checkpoint:3"})
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert [c["name"] for c in state["checkpoints"]] == ["epoch-0002", "stage-01-done"]
-    assert not (tmp_path / "run" / "checkpoints" / "epoch-0003").exists(), "a half-written checkpoint is visible"
+    assert [(c["name"], c["base"]) for c in state["checkpoints"]] == [
+        ("stage-01-start", None), ("epoch-0001", "stage-01-start")]
+    with np.load(tmp_path / "run" / "checkpoints" / "epoch-0001" / "weights.npz") as saved:
+        assert [key.split(":")[1] for key in saved.files] == ["predictions/kernel", "predictions/bias"]
+    assert not (tmp_path / "run" / "checkpoints" / "epoch-0002").exists(), "a half-written checkpoint is visible"
 
     again = run_cli("fit", "--config", recipe)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert "after epoch 1" in again.stdout
     assert [(r["stage"], int(r["epoch"])) for r in history(tmp_path / "run")] == EXPECTED_EPOCHS
-    leftovers = [n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith(".")]
-    assert leftovers == []
+    kept = json.loads((tmp_path / "run" / "state.json").read_text())["checkpoints"]
+    needed = {c["name"] for c in kept} | {c["base"] for c in kept if c["base"]}
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == sorted(needed), "leftovers"
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one_with_one_warning(recipe, tmp_path):
@@ -103,7 +111,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one_with_one_wa
     wait_for_line(process, "[finetune] epoch 4/5")
     process.kill()
     process.wait()
-    newest = tmp_path / "run" / "checkpoints" / "epoch-0004" / "model.weights.h5"
+    newest = tmp_path / "run" / "checkpoints" / "epoch-0004" / "weights.npz"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as a dying disk would leave it
 
     again = run_cli("fit", "--config", recipe)

@@ -137,6 +137,7 @@ class FeatureCache:
         self._train: Optional[np.ndarray] = None
         self._val: Optional[np.ndarray] = None
         self._head: Optional[keras.Model] = None
+        self._extract: Optional[Callable] = None
 
     def invalidate(self) -> None:
         """Forget the features: the backbone is about to change."""
@@ -160,20 +161,28 @@ class FeatureCache:
         return batches(self._features("val"), self.data.val.labels, len(self.data.class_names),
                        self.batch_size, shuffle_seed=None).prefetch(tf.data.AUTOTUNE)
 
+    def _extractor(self) -> Callable:
+        """Images in, pooled features out (what the dropout before the head receives): a
+        compiled call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy,
+        traced once for any batch size (tracing a ResNet50 costs about a second, as much as a
+        forward pass over a hundred images; a trace per shape was a third of a small cached stage)."""
+        if self._extract is None:
+            extractor = keras.Model(self.model.input, self.model.get_layer(DROPOUT_LAYER).input)
+            self._extract = tf.function(
+                lambda images: extractor(images, training=False),
+                input_signature=[tf.TensorSpec((None, *self.image_size, 3), tf.float32)])
+        return self._extract
+
     def _features(self, split: str) -> np.ndarray:
         cached = self._train if split == "train" else self._val
         if cached is not None:
             return cached
         source = self.data.train if split == "train" else self.data.val
-        # The pooled features: what the dropout before the head receives.
-        extractor = keras.Model(self.model.input, self.model.get_layer(DROPOUT_LAYER).input)
-        # A compiled call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy.
-        extract = tf.function(lambda images: extractor(images, training=False))
-        width = extractor.output.shape[-1]
+        width = self.model.get_layer(DROPOUT_LAYER).input.shape[-1]
         large = len(source) * width * 4 > MEMORY_LIMIT_BYTES
         pipeline = self.images(split) if self.images is not None else data_module.pipeline(
             source, len(self.data.class_names), self.image_size, self.batch_size, training=False)
-        features = store_rows((np.asarray(extract(images), dtype=np.float32) for images, _ in pipeline),
+        features = store_rows((np.asarray(self._extractor()(images), dtype=np.float32) for images, _ in pipeline),
                               len(source), (width,), os.path.join(self.folder, f"{split}.npy") if large else None)
         self.log(f"cached backbone features of {len(features)} {split} images ({_describe(features, self.folder)})")
         if split == "train":

@@ -175,6 +175,9 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
         history = list(point.history)
         run.write_csv(runs.HISTORY, history)
         epoch = point.epoch
+        # A checkpoint that holds every weight, with the backbone as it is now: what a stage on
+        # cached features checkpoints its head on top of, instead of rewriting the whole model.
+        backbone_saved = (point.base or point.name) if resumed else None
         stage_seconds: dict[str, float] = {}
         with TerminationSignal() as termination:
             for index, stage in enumerate(config.stages):
@@ -185,6 +188,13 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
                 stage_start = point.stage_start_epoch if continuing else epoch
                 if not continuing:
                     setup = prepare_stage(index)
+                base = None
+                if setup.cached:
+                    if backbone_saved is None:
+                        backbone_saved = f"stage-{index + 1:02d}-start"
+                        run.save_checkpoint(model, None, runs.Checkpoint(
+                            backbone_saved, index, epoch, epoch, list(history), has_optimizer=False))
+                    base = backbone_saved
                 trainable_count = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
                 log(f"stage {stage.name}: {stage.epochs} epochs, trainable {stage.trainable} "
                     f"({trainable_count:,} parameters), {stage.optimizer} lr {stage.learning_rate:g} "
@@ -194,7 +204,7 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
                 interactive = sys.stdout.isatty()
                 callbacks: list[keras.callbacks.Callback] = [
                     guard,
-                    EpochEnd(run, model, stage, index, stage_start, history, guard,
+                    EpochEnd(run, model, stage, index, stage_start, history, guard, base,
                              log=None if interactive else log),
                 ]
                 if distribution.kind != "multi_worker":  # it needs fit's train function
@@ -219,8 +229,11 @@ def _fit(config: Config, distribution: distribute.Distribution, run_dir: str, re
                 epoch = history[-1]["epoch"] if history else epoch
                 # A stage boundary: the weights as the stage left them (best weights, after early
                 # stopping), from which the next stage starts with a new optimizer.
+                done = f"stage-{index + 1:02d}-done"
                 run.save_checkpoint(model, None, runs.Checkpoint(
-                    f"stage-{index + 1:02d}-done", index + 1, epoch, epoch, list(history), has_optimizer=False))
+                    done, index + 1, epoch, epoch, list(history), has_optimizer=False, base=base),
+                    changed=setup.model.weights if base else None)
+                backbone_saved = base or done
                 stage_seconds[stage.name] = round(time.time() - stage_started, 2)
                 setup = None
     except tf.errors.InvalidArgumentError:
@@ -573,15 +586,16 @@ class Guard(keras.callbacks.Callback):
 class EpochEnd(keras.callbacks.Callback):
     """At the end of every completed epoch, in this order: append its history row (stage,
     learning rate, metrics, seconds) and rewrite history.csv; save a checkpoint (the full
-    classifier's weights, and the optimizer state of the model being fit: the classifier, or its
-    head on cached features); then, given ``log``, print the row as one line. The line comes
-    last, so whoever reads it knows the epoch is saved."""
+    classifier's weights, or with ``base`` only the weights of the model being fit, the head on
+    cached features; and that model's optimizer state); then, given ``log``, print the row as
+    one line. The line comes last, so whoever reads it knows the epoch is saved."""
 
     def __init__(self, run: runs.RunDir, classifier: keras.Model, stage: StageConfig, stage_index: int,
-                 stage_start: int, rows: list[dict[str, Any]], guard: "Guard", log: Optional[Log] = None):
+                 stage_start: int, rows: list[dict[str, Any]], guard: "Guard", base: Optional[str] = None,
+                 log: Optional[Log] = None):
         super().__init__()
         self.run, self.classifier, self.stage, self.stage_index = run, classifier, stage, stage_index
-        self.stage_start, self.rows, self.guard, self.log = stage_start, rows, guard, log
+        self.stage_start, self.rows, self.guard, self.base, self.log = stage_start, rows, guard, base, log
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
@@ -596,7 +610,8 @@ class EpochEnd(keras.callbacks.Callback):
                           **metrics, "seconds": seconds})
         self.run.write_csv(runs.HISTORY, self.rows)
         self.run.save_checkpoint(self.classifier, list(self.model.optimizer.variables), runs.Checkpoint(
-            f"epoch-{epoch + 1:04d}", self.stage_index, self.stage_start, epoch + 1, list(self.rows)))
+            f"epoch-{epoch + 1:04d}", self.stage_index, self.stage_start, epoch + 1, list(self.rows),
+            base=self.base), changed=self.model.weights if self.base else None)
         if self.log is not None:
             values = "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
             last = self.stage_start + self.stage.epochs
