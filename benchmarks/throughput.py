@@ -1,8 +1,9 @@
 """Training throughput of tfsft against the in-memory ceiling, measured side by side in one run.
 
     python benchmarks/throughput.py [--images 128] [--image-size 128] [--batch-size 16]
-                                    [--backbone resnet50] [--head-epochs 10] [--finetune-epochs 2]
-                                    [--precision]
+                                    [--backbone resnet50] [--head-epochs 10] [--finetune-epochs 3]
+                                    [--cache-images 960] [--precision]
+                                    [--peer torch [--peer-python PYTHON]]
 
 It writes JPEG images (the sample shapes) to a temporary folder and times, on this machine:
 
@@ -13,7 +14,13 @@ It writes JPEG images (the sample shapes) to a temporary folder and times, on th
 - ``tfsft fit`` on the folder: a head stage with the feature cache off, the same head stage with
   the cache on, and a full fine-tuning stage, reading the files every epoch and with
   ``data.cache: memory``;
-- one forward pass of the backbone over the data, the unit the feature-cache target is set in;
+- one forward pass of the backbone over the data (training and validation images, what a head
+  stage runs the backbone on), the unit the feature-cache target is set in, and the cached head
+  stage against it again on ``--cache-images`` images (its fixed costs, tracing and one full
+  checkpoint, weigh less as the data grows); both sides are the best of two measurements;
+- with ``--peer torch``: PyTorch's transfer-learning recipe (torchvision ResNet50, new fc, SGD)
+  on the same in-memory images, run by ``benchmarks/torch_peer.py`` in its own process with
+  ``--peer-python`` (default: this Python), when that Python has torch and torchvision;
 - with ``--precision``: the in-memory head and fine-tune stages in float32 and mixed_bfloat16.
 
 Images per second are computed from steady-state epochs (the first epoch of each stage, which
@@ -26,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,22 +99,24 @@ def tfsft_stage(recipe: str, folder: str, run_dir: str, stage: str, train_images
     return steady_rate(seconds, train_images), sum(result.metrics["timings"]["stage_seconds"].values())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=128, help="images per class x 3 classes is rounded to this")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--head-epochs", type=int, default=10)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--precision", action="store_true",
-                        help="also time the in-memory stages in mixed_bfloat16 against float32")
-    args = parser.parse_args()
+def forward_pass_seconds(config, images: np.ndarray, batch_size: int) -> float:
+    """One forward pass of the frozen backbone over ``images`` (after a warm-up batch)."""
+    keras.utils.set_random_seed(0)
+    model, _ = build_classifier(config.model, 3, config.image_size)
+    extractor = keras.Model(model.input, model.get_layer("dropout").input)
+    extractor.predict_on_batch(images[:batch_size])
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        extractor.predict_on_batch(images[start:start + batch_size])
+    return time.perf_counter() - started
 
-    work = tempfile.mkdtemp(prefix="tfsft-bench-")
-    folder = os.path.join(work, "images")
-    make_shapes(folder, images_per_class=max(2, args.images // 3), image_size=args.image_size, num_classes=3)
-    recipe = os.path.join(work, "recipe.yaml")
+
+def image_folder(work: str, name: str, count: int, args) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
+    """A folder of JPEG shapes, its recipe, its training split decoded in memory (images and
+    labels) and its validation images."""
+    folder = os.path.join(work, name)
+    make_shapes(folder, images_per_class=max(2, count // 3), image_size=args.image_size, num_classes=3)
+    recipe = os.path.join(work, f"{name}.yaml")
     with open(recipe, "w") as handle:
         # val_split is as small as allowed so nearly every image trains; validation is not timed.
         # float32 like the in-memory ceiling (precision is compared separately, --precision).
@@ -114,21 +125,58 @@ def main() -> None:
                      f"distribute: {{precision: float32}}\n")
     config = config_module.load(recipe)
     built = data_module.build(config.data, 0)
-    train_images = len(built.train)
     dataset = data_module.pipeline(built.train, 3, config.image_size, args.batch_size, training=False)
     arrays = [(x.numpy(), np.argmax(y.numpy(), -1)) for x, y in dataset]
-    images = np.concatenate([a for a, _ in arrays])
-    labels = np.concatenate([b for _, b in arrays])
+    val = data_module.pipeline(built.val, 3, config.image_size, args.batch_size, training=False)
+    return (folder, recipe, np.concatenate([a for a, _ in arrays]), np.concatenate([b for _, b in arrays]),
+            np.concatenate([x.numpy() for x, _ in val]))
 
-    # One forward pass of the frozen backbone over the training images (after a warm-up batch).
-    keras.utils.set_random_seed(0)
-    model, _ = build_classifier(config.model, 3, config.image_size)
-    extractor = keras.Model(model.input, model.get_layer("dropout").input)
-    extractor.predict_on_batch(images[: args.batch_size])
-    started = time.perf_counter()
-    for start in range(0, len(images), args.batch_size):
-        extractor.predict_on_batch(images[start:start + args.batch_size])
-    forward_pass = time.perf_counter() - started
+
+def cached_head_against_forward_pass(config, folder: str, recipe: str, images: np.ndarray,
+                                     val_images: np.ndarray, stage: str, run_dir: str, args) -> tuple[float, float]:
+    """(cached head stage seconds, one forward pass seconds over training and validation images),
+    each the best of two measurements."""
+    both = np.concatenate([images, val_images])
+    forward = forward_pass_seconds(config, both, args.batch_size)
+    seconds = min(tfsft_stage(recipe, folder, f"{run_dir}-{attempt}", stage, len(images))[1] for attempt in (1, 2))
+    return seconds, min(forward, forward_pass_seconds(config, both, args.batch_size))
+
+
+def torch_peer(python: str, images: np.ndarray, labels: np.ndarray, work: str, args) -> dict | str:
+    """The PyTorch recipe's rates, or why it did not run."""
+    path = os.path.join(work, "peer_images.npz")
+    np.savez(path, images=images, labels=labels)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
+    result = subprocess.run([python, script, path, "--batch-size", str(args.batch_size), "--head-epochs",
+                             str(args.head_epochs), "--finetune-epochs", str(args.finetune_epochs)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"not run with {python}: {last}. Fix: pip install torch torchvision, or pass --peer-python"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=128, help="images per class x 3 classes is rounded to this")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--head-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--cache-images", type=int, default=960,
+                        help="also time the cached head stage on this many images (0: skip)")
+    parser.add_argument("--precision", action="store_true",
+                        help="also time the in-memory stages in mixed_bfloat16 against float32")
+    parser.add_argument("--peer", choices=["torch"], help="also time a peer's recipe on the same images")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the Python that has the peer's packages (default: this one)")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="tfsft-bench-")
+    folder, recipe, images, labels, val_images = image_folder(work, "images", args.images, args)
+    config = config_module.load(recipe)
+    train_images = len(images)
 
     head = f"{{name: head, epochs: {args.head_epochs}, learning_rate: 1.0e-3, trainable: head, cache_features: CACHE}}"
     finetune = f"{{name: finetune, epochs: {args.finetune_epochs}, learning_rate: 1.0e-4, trainable: all}}"
@@ -138,8 +186,8 @@ def main() -> None:
     ceiling_head = in_memory(config, images, labels, "head", args.head_epochs)
     plain_rate, plain_seconds = tfsft_stage(recipe, folder, os.path.join(work, "plain"),
                                             head.replace("CACHE", "false"), train_images)
-    cached_rate, cached_seconds = tfsft_stage(recipe, folder, os.path.join(work, "cached"),
-                                              head.replace("CACHE", "true"), train_images)
+    cached_rate, _ = tfsft_stage(recipe, folder, os.path.join(work, "cached"), head.replace("CACHE", "true"),
+                                 train_images)
     ceiling_head = max(ceiling_head, in_memory(config, images, labels, "head", args.head_epochs))
     ceiling_finetune = in_memory(config, images, labels, "all", args.finetune_epochs)
     finetune_rate, _ = tfsft_stage(recipe, folder, os.path.join(work, "finetune"), finetune, train_images)
@@ -153,17 +201,37 @@ def main() -> None:
     rows.append(("fine-tune all, tfsft from JPEG folder", finetune_rate, finetune_rate / ceiling_finetune))
     rows.append(("fine-tune all, tfsft, data.cache: memory", finetune_cached_rate,
                  finetune_cached_rate / ceiling_finetune))
+    peer = torch_peer(args.peer_python, images, labels, work, args) if args.peer == "torch" else None
+    if isinstance(peer, dict):
+        rows.insert(3, ("head, PyTorch recipe, in memory", peer["head"], peer["head"] / ceiling_head))
+        rows.append(("fine-tune all, PyTorch recipe, in memory", peer["finetune"],
+                     peer["finetune"] / ceiling_finetune))
 
     print(f"\n{args.backbone} at {args.image_size} px, batch {args.batch_size}, {train_images} training "
-          f"images, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, Keras {keras.__version__}")
+          f"images, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, Keras {keras.__version__}"
+          + (f", PyTorch {peer['torch']} ({peer['threads']} threads)" if isinstance(peer, dict) else ""))
     print(f"{'what':<44}{'images/s':>10}{'vs ceiling':>12}")
     for name, rate, ratio in rows:
         print(f"{name:<44}{rate:>10.1f}{ratio:>11.2f}x")
-    print(f"\none forward pass of the backbone over the training images: {forward_pass:.2f} s")
-    print(f"{args.head_epochs}-epoch head stage, cache on (extraction included):  {cached_seconds:.2f} s "
-          f"= {cached_seconds / forward_pass:.2f}x one forward pass")
-    print(f"{args.head_epochs}-epoch head stage, cache off:                       {plain_seconds:.2f} s "
-          f"= {plain_seconds / forward_pass:.2f}x one forward pass")
+    if isinstance(peer, dict):
+        print(f"tfsft against the PyTorch recipe: head {plain_rate / peer['head']:.2f}x (cache off), "
+              f"{cached_rate / peer['head']:.2f}x (cache on); fine-tune {finetune_rate / peer['finetune']:.2f}x")
+    elif peer is not None:
+        print(f"peer torch: {peer}")
+    cached = head.replace("CACHE", "true")
+    cached_seconds, forward_pass = cached_head_against_forward_pass(
+        config, folder, recipe, images, val_images, cached, os.path.join(work, "cached"), args)
+    print(f"\n{args.head_epochs}-epoch head stage against one forward pass of the backbone over the "
+          f"training and validation images:")
+    print(f"{'images':>8}{'forward pass':>14}{'cache on':>10}{'ratio':>8}{'cache off':>11}{'ratio':>8}")
+    print(f"{train_images + len(val_images):>8}{forward_pass:>13.2f}s{cached_seconds:>9.2f}s"
+          f"{cached_seconds / forward_pass:>7.2f}x{plain_seconds:>10.2f}s{plain_seconds / forward_pass:>7.2f}x")
+    if args.cache_images:
+        large_folder, large_recipe, large_images, _, large_val = image_folder(work, "large", args.cache_images, args)
+        large_seconds, large_forward = cached_head_against_forward_pass(
+            config, large_folder, large_recipe, large_images, large_val, cached, os.path.join(work, "large"), args)
+        print(f"{len(large_images) + len(large_val):>8}{large_forward:>13.2f}s{large_seconds:>9.2f}s"
+              f"{large_seconds / large_forward:>7.2f}x{'(not run)':>11}")
     if args.precision:
         print(f"\n{'in-memory stage':<44}{'float32':>10}{'bfloat16':>10}{'ratio':>8}")
         for name, trainable, epochs in (("head (frozen backbone)", "head", args.head_epochs),
