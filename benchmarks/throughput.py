@@ -9,7 +9,8 @@ It writes JPEG images (the sample shapes) to a temporary folder and times, on th
 
 - the in-memory ceiling: Keras ``fit`` on the same images already decoded and resized, held in
   memory as tensors behind tf.data (head stage, then full fine-tuning), the same model, batch and
-  resolution, in float32 like the tfsft rows;
+  resolution, in float32 like the tfsft rows, validating on the same validation images every
+  epoch as tfsft does;
 - ``tfsft fit`` on the folder: a head stage with the feature cache off, the same head stage with
   the cache on, and a full fine-tuning stage, reading the files every epoch and with
   ``data.cache: memory``; every row's rate is the best of two rounds that each time the ceiling
@@ -25,8 +26,9 @@ It writes JPEG images (the sample shapes) to a temporary folder and times, on th
 
 Images per second are computed from steady-state epochs (the first epoch of each stage, which
 includes tracing, is left out). tfsft's epochs include what a real run does every epoch: a small
-validation pass (val_split 0.05) and writing a checkpoint. Absolute numbers drift on shared machines; the ratios, measured
-in the same run, are the point. It prints a table and the peak resident memory.
+validation pass (val_split 0.05; the ceiling runs it too) and writing a checkpoint (the ceiling
+does not). Absolute numbers drift on shared machines; the ratios, measured in the same run, are
+the point. It prints a table and the peak resident memory.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def in_memory(config, images: np.ndarray, labels: np.ndarray, trainable: str, epochs: int,
-              precision: str = "float32") -> float:
+              precision: str = "float32", validation: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Steady images/s of Keras fit on in-memory tensors; with ``validation`` (images, labels),
+    validating on them every epoch as a tfsft stage does."""
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model, _ = build_classifier(config.model, 3, config.image_size)
@@ -85,7 +89,9 @@ def in_memory(config, images: np.ndarray, labels: np.ndarray, trainable: str, ep
     # In-memory tensors through tf.data: the fastest feed Keras has (faster than fit on numpy).
     tensors = tf.data.Dataset.from_tensor_slices((images, keras.utils.to_categorical(labels, 3)))
     tensors = tensors.shuffle(len(images), seed=0).batch(config.data.batch_size).prefetch(tf.data.AUTOTUNE)
-    model.fit(tensors, epochs=epochs, verbose=0, callbacks=[timer])
+    val = None if validation is None else tf.data.Dataset.from_tensor_slices(
+        (validation[0], keras.utils.to_categorical(validation[1], 3))).batch(config.data.batch_size)
+    model.fit(tensors, validation_data=val, epochs=epochs, verbose=0, callbacks=[timer])
     return steady_rate(timer.seconds, len(images))
 
 
@@ -114,9 +120,10 @@ def forward_pass_seconds(config, images: np.ndarray, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def image_folder(work: str, name: str, count: int, args) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
-    """A folder of JPEG shapes, its recipe, its training split decoded in memory (images and
-    labels) and its validation images."""
+def image_folder(work: str, name: str, count: int, args) -> tuple[str, str, np.ndarray, np.ndarray,
+                                                                  tuple[np.ndarray, np.ndarray]]:
+    """A folder of JPEG shapes, its recipe, and its training split (images, labels) and
+    validation split ((images, labels)) decoded in memory."""
     folder = os.path.join(work, name)
     make_shapes(folder, images_per_class=max(2, count // 3), image_size=args.image_size, num_classes=3)
     recipe = os.path.join(work, f"{name}.yaml")
@@ -130,17 +137,18 @@ def image_folder(work: str, name: str, count: int, args) -> tuple[str, str, np.n
     built = data_module.build(config.data, 0)
     dataset = data_module.pipeline(built.train, 3, config.image_size, args.batch_size, training=False)
     arrays = [(x.numpy(), np.argmax(y.numpy(), -1)) for x, y in dataset]
-    val = data_module.pipeline(built.val, 3, config.image_size, args.batch_size, training=False)
+    val = [(x.numpy(), np.argmax(y.numpy(), -1))
+           for x, y in data_module.pipeline(built.val, 3, config.image_size, args.batch_size, training=False)]
     return (folder, recipe, np.concatenate([a for a, _ in arrays]), np.concatenate([b for _, b in arrays]),
-            np.concatenate([x.numpy() for x, _ in val]))
+            (np.concatenate([a for a, _ in val]), np.concatenate([b for _, b in val])))
 
 
 def cached_head_against_forward_pass(config, folder: str, recipe: str, images: np.ndarray,
-                                     val_images: np.ndarray, stage: str, run_dir: str, args) -> tuple[float, float]:
+                                     validation: tuple[np.ndarray, np.ndarray], stage: str, run_dir: str, args) -> tuple[float, float]:
     """(cached head stage seconds, one forward pass seconds over training and validation images),
     each the best of three measurements, taken in turn: this machine has spells of a minute or
     more in which everything runs at about half speed."""
-    both = np.concatenate([images, val_images])
+    both = np.concatenate([images, validation[0]])
     seconds, forward = float("inf"), float("inf")
     for attempt in (1, 2, 3):
         forward = min(forward, forward_pass_seconds(config, both, args.batch_size))
@@ -180,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="tfsft-bench-")
-    folder, recipe, images, labels, val_images = image_folder(work, "images", args.images, args)
+    folder, recipe, images, labels, validation = image_folder(work, "images", args.images, args)
     config = config_module.load(recipe)
     train_images = len(images)
 
@@ -193,7 +201,7 @@ def main() -> None:
     best: dict[str, float] = {}
     plain_seconds = float("inf")  # the whole uncached head stage, for the feature-cache table
     for attempt in (1, 2):
-        ceiling = in_memory(config, images, labels, "head", args.head_epochs)
+        ceiling = in_memory(config, images, labels, "head", args.head_epochs, validation=validation)
         plain, seconds = tfsft_stage(recipe, folder, os.path.join(work, f"plain{attempt}"),
                                      head.replace("CACHE", "false"), train_images)
         plain_seconds = min(plain_seconds, seconds)
@@ -202,7 +210,8 @@ def main() -> None:
             "plain": plain,
             "cached": tfsft_stage(recipe, folder, os.path.join(work, f"cached{attempt}"),
                                   head.replace("CACHE", "true"), train_images)[0],
-            "ceiling_finetune": in_memory(config, images, labels, "all", args.finetune_epochs),
+            "ceiling_finetune": in_memory(config, images, labels, "all", args.finetune_epochs,
+                                          validation=validation),
             "finetune": tfsft_stage(recipe, folder, os.path.join(work, f"finetune{attempt}"), finetune,
                                     train_images)[0],
             "finetune_cached": tfsft_stage(recipe, folder, os.path.join(work, f"finetune_cached{attempt}"),
@@ -238,18 +247,18 @@ def main() -> None:
         print(f"peer torch: {peer}")
     cached = head.replace("CACHE", "true")
     cached_seconds, forward_pass = cached_head_against_forward_pass(
-        config, folder, recipe, images, val_images, cached, os.path.join(work, "cached_stage"), args)
+        config, folder, recipe, images, validation, cached, os.path.join(work, "cached_stage"), args)
     print(f"\n{args.head_epochs}-epoch head stage against one forward pass of the backbone over the "
           f"training and validation images:")
     print(f"{'images':>8}{'forward pass':>14}{'cache on':>10}{'ratio':>8}{'cache off':>11}{'ratio':>8}")
-    print(f"{train_images + len(val_images):>8}{forward_pass:>13.2f}s{cached_seconds:>9.2f}s"
+    print(f"{train_images + len(validation[0]):>8}{forward_pass:>13.2f}s{cached_seconds:>9.2f}s"
           f"{cached_seconds / forward_pass:>7.2f}x{plain_seconds:>10.2f}s{plain_seconds / forward_pass:>7.2f}x")
     for count in args.cache_images:
         large_folder, large_recipe, large_images, _, large_val = image_folder(work, f"large{count}", count, args)
         large_seconds, large_forward = cached_head_against_forward_pass(
             config, large_folder, large_recipe, large_images, large_val, cached, os.path.join(work, f"large{count}"),
             args)
-        print(f"{len(large_images) + len(large_val):>8}{large_forward:>13.2f}s{large_seconds:>9.2f}s"
+        print(f"{len(large_images) + len(large_val[0]):>8}{large_forward:>13.2f}s{large_seconds:>9.2f}s"
               f"{large_seconds / large_forward:>7.2f}x{'(not run)':>11}")
     if args.precision:
         print(f"\n{'in-memory stage':<44}{'float32':>10}{'bfloat16':>10}{'ratio':>8}")
