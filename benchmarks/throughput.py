@@ -38,6 +38,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,13 @@ def main() -> None:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="tfsft-bench-")
+    try:
+        run(args, work)
+    finally:  # every run directory holds models and checkpoints: gigabytes by the end
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: str) -> None:
     folder, recipe, images, labels, validation = image_folder(work, "images", args.images, args)
     config = config_module.load(recipe)
     train_images = len(images)
