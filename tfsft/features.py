@@ -78,6 +78,16 @@ def batches(rows: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: 
     return dataset.batch(batch_size)
 
 
+def feature_extractor(model: keras.Model, image_size: tuple[int, int]) -> Callable:
+    """Images in, pooled features out (what the dropout before the head receives): a compiled
+    call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy, traced once
+    for any batch size (tracing a ResNet50 costs about a second, as much as a forward pass over a
+    hundred images; a trace per shape was a third of a small cached stage)."""
+    extractor = keras.Model(model.input, model.get_layer(DROPOUT_LAYER).input)
+    return tf.function(lambda images: extractor(images, training=False),
+                       input_signature=[tf.TensorSpec((None, *image_size, 3), tf.float32)])
+
+
 def _describe(rows: np.ndarray, folder: str) -> str:
     where = f"memory-mapped in {folder}" if isinstance(rows, np.memmap) else "in memory"
     return f"{where}, {rows.nbytes / 1e6:.1f} MB"
@@ -162,15 +172,8 @@ class FeatureCache:
                        self.batch_size, shuffle_seed=None).prefetch(tf.data.AUTOTUNE)
 
     def _extractor(self) -> Callable:
-        """Images in, pooled features out (what the dropout before the head receives): a
-        compiled call rather than predict_on_batch, which fails under MultiWorkerMirroredStrategy,
-        traced once for any batch size (tracing a ResNet50 costs about a second, as much as a
-        forward pass over a hundred images; a trace per shape was a third of a small cached stage)."""
         if self._extract is None:
-            extractor = keras.Model(self.model.input, self.model.get_layer(DROPOUT_LAYER).input)
-            self._extract = tf.function(
-                lambda images: extractor(images, training=False),
-                input_signature=[tf.TensorSpec((None, *self.image_size, 3), tf.float32)])
+            self._extract = feature_extractor(self.model, self.image_size)
         return self._extract
 
     def _features(self, split: str) -> np.ndarray:
